@@ -1,0 +1,87 @@
+"""The attack's optimisation settings and the named budgets ``paper`` and ``cpu``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from unlearnshield._registry import Registry
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """How the inversion optimises its dummy images.
+
+    The defaults are the reference attack's (the ``paper`` budget): 10,000 signed AdamW steps
+    at lr 0.04, weight decay 0.01, lr ×0.5 at 3/8, 5/8 and 7/8 of the run, five restarts,
+    TV weight 1e-2, N(0, 1) initialisation, images clamped to [0, 1] before every step.
+
+    Attributes:
+        iterations: optimisation steps per restart.
+        restarts: independent initialisations per reconstruction; the one whose final
+            images best match the target (attacker's cosine cost, without TV) is kept.
+        lr: AdamW learning rate, in pixel units per step (signed gradients make the step
+            size about ``lr`` per pixel).
+        weight_decay: AdamW's decoupled weight decay on the image.
+        tv_weight: weight of the total-variation prior (mean absolute neighbour
+            differences, pixel space).
+        lr_decay_at: fractions of ``iterations`` at which the lr is multiplied by
+            ``lr_decay_factor``.
+        lr_decay_factor: the decay factor.
+        signed: replace the image gradient by its sign before the AdamW step.
+        init_std: standard deviation of the N(0, σ²) initialisation (pixel space).
+        log_every: log one fixed-format line every this many steps (0 = never).
+    """
+
+    iterations: int = 10_000
+    restarts: int = 5
+    lr: float = 0.04
+    weight_decay: float = 0.01
+    tv_weight: float = 1e-2
+    lr_decay_at: tuple[float, ...] = (0.375, 0.625, 0.875)
+    lr_decay_factor: float = 0.5
+    signed: bool = True
+    init_std: float = 1.0
+    log_every: int = 500
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be at least 1, got {self.iterations}")
+        if self.restarts < 1:
+            raise ValueError(f"restarts must be at least 1, got {self.restarts}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.tv_weight < 0 or self.weight_decay < 0:
+            raise ValueError("tv_weight and weight_decay must be non-negative")
+        if not all(0 < f < 1 for f in self.lr_decay_at):
+            raise ValueError(f"lr_decay_at must be fractions in (0, 1), got {self.lr_decay_at}")
+        if self.init_std <= 0:
+            raise ValueError(f"init_std must be positive, got {self.init_std}")
+
+    @property
+    def milestones(self) -> tuple[int, ...]:
+        """The steps at which the lr decays."""
+        return tuple(int(self.iterations * f) for f in self.lr_decay_at)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate in force at ``step`` (0-based)."""
+        passed = sum(step >= m for m in self.milestones)
+        return self.lr * self.lr_decay_factor**passed
+
+    def replace(self, **changes: object) -> AttackConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+BUDGETS: Registry[AttackConfig] = Registry("attack budget")
+BUDGETS.register("paper")(AttackConfig())
+BUDGETS.register("cpu")(AttackConfig(iterations=3_000, restarts=2, tv_weight=0.2, log_every=500))
+
+
+def resolve_budget(budget: str | int | AttackConfig) -> AttackConfig:
+    """A budget name, an iteration count (the ``cpu`` budget at that length) or a config."""
+    if isinstance(budget, AttackConfig):
+        return budget
+    if isinstance(budget, int) or (isinstance(budget, str) and budget.isdigit()):
+        return BUDGETS.get("cpu").replace(iterations=int(budget))
+    return BUDGETS.get(budget)

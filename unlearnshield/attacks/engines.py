@@ -1,0 +1,304 @@
+"""Two engines that run the same gradient-matching inversion: a per-image loop and a batch.
+
+Both minimise, for each reconstruction ``b`` independently,
+
+    cost_b(x) = similarity_cost(cos(∇θ CE(f_θo(x), y_b) + offset_b, target_b)) + λ_TV · TV(x)
+
+over dummy images ``x`` of shape ``(k, C, H, W)`` in pixel space, with the model in eval mode
+(BatchNorm uses its running statistics). The cosine is one cosine over all parameters as a
+single vector. Each step clamps ``x`` to [0, 1], replaces the image gradient by its sign
+(when configured) and takes an AdamW step.
+
+* :func:`invert_loop` is the reference: one reconstruction after another, with
+  ``torch.autograd.grad(..., create_graph=True)``.
+* :func:`invert_batched` runs all reconstructions in one call with ``torch.func``
+  (``functional_call``, ``grad``, ``vmap``): on a CPU it amortises the per-operation
+  overhead of small models over the batch; on a GPU it fills the device.
+
+They give the same images (a test checks this in float64), so which one runs is a question
+of speed only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, grad_and_value, vmap
+from tqdm.auto import tqdm
+
+from unlearnshield._registry import Registry
+from unlearnshield.attacks.config import AttackConfig
+
+logger = logging.getLogger(__name__)
+
+SimilarityCost = Callable[[torch.Tensor], torch.Tensor]
+"""Maps the cosine (any shape) to the attacker's matching cost, e.g. ``1 - cos``."""
+
+OffsetFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``offset(step, gradients (B, P), images (B, k, C, H, W)) -> (B, P)``, added to the dummy
+gradient before the cosine and treated as a constant (no gradient flows through it)."""
+
+_EPS = 1e-12
+
+
+@dataclass
+class InversionResult:
+    """The output of an engine.
+
+    Attributes:
+        images: final reconstructions clamped to [0, 1], ``(B, k, C, H, W)``.
+        cosine: cosine between each final reconstruction's gradient (plus offset) and its
+            target, ``(B,)``.
+        cost: the attacker's similarity cost of the final images (no TV), ``(B,)``.
+        trace: one dict per logged step (step, mean cost, mean cosine, seconds).
+        seconds: wall time.
+    """
+
+    images: torch.Tensor
+    cosine: torch.Tensor
+    cost: torch.Tensor
+    trace: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic TV: mean |horizontal differences| + mean |vertical differences|.
+
+    Args:
+        x: images ``(..., H, W)``; the means run over every element.
+
+    Returns:
+        A scalar tensor.
+    """
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    return dx + dy
+
+
+def _check_inputs(
+    targets: torch.Tensor, labels: torch.Tensor, init: torch.Tensor, n_params: int
+) -> None:
+    if targets.dim() != 2 or targets.shape[1] != n_params:
+        raise ValueError(f"targets must be (B, {n_params}), got {tuple(targets.shape)}")
+    b = targets.shape[0]
+    if labels.dim() != 2 or labels.shape[0] != b:
+        raise ValueError(f"labels must be (B={b}, k), got {tuple(labels.shape)}")
+    if init.dim() != 5 or init.shape[:2] != labels.shape:
+        raise ValueError(f"init must be (B, k, C, H, W) matching labels, got {tuple(init.shape)}")
+    zero = (targets.norm(dim=1) == 0).nonzero().flatten().tolist()
+    if zero:
+        raise ValueError(f"target(s) {zero} are zero: there is no parameter difference to invert")
+
+
+class _Schedule:
+    """Step bookkeeping shared by both engines: lr, logging, trace."""
+
+    def __init__(self, config: AttackConfig, total: int, progress: bool | None, desc: str):
+        self.config = config
+        self.start = time.perf_counter()
+        self.trace: list[dict[str, float]] = []
+        disable = None if progress is None else not progress
+        self.bar = tqdm(total=total, desc=desc, disable=disable, unit="step")
+
+    def record(self, step: int, cost: torch.Tensor, cos: torch.Tensor, label: str = "") -> None:
+        every = self.config.log_every
+        last = step == self.config.iterations - 1
+        if every and (step % every == 0 or last):
+            elapsed = time.perf_counter() - self.start
+            entry = {
+                "step": step,
+                "cost": float(cost.mean()),
+                "cosine": float(cos.mean()),
+                "seconds": elapsed,
+            }
+            self.trace.append(entry)
+            logger.info(
+                "uia %sstep %6d/%d cost %.5f cos %+.5f elapsed %8.1fs",
+                label,
+                step,
+                self.config.iterations,
+                entry["cost"],
+                entry["cosine"],
+                elapsed,
+            )
+
+    def close(self) -> float:
+        self.bar.close()
+        return time.perf_counter() - self.start
+
+
+def _objective_terms(
+    flat_grad: torch.Tensor,
+    target: torch.Tensor,
+    offset: torch.Tensor | None,
+    x: torch.Tensor,
+    similarity_cost: SimilarityCost,
+    tv_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = flat_grad if offset is None else flat_grad + offset
+    cos = (g @ target) / (g.norm() * target.norm() + _EPS)
+    return similarity_cost(cos) + tv_weight * total_variation(x), cos
+
+
+def invert_loop(
+    model: nn.Module,
+    targets: torch.Tensor,
+    labels: torch.Tensor,
+    init: torch.Tensor,
+    *,
+    config: AttackConfig,
+    similarity_cost: SimilarityCost,
+    offset: OffsetFn | None = None,
+    refresh_every: int = 1,
+    progress: bool | None = None,
+) -> InversionResult:
+    """The reference engine: each reconstruction runs its own optimisation loop.
+
+    Args:
+        model: the model the dummy gradients are taken at (the original θo).
+        targets: flat target differences ``(B, P)``, ``P`` = number of parameters.
+        labels: labels of the dummy images ``(B, k)``.
+        init: initial images ``(B, k, C, H, W)``.
+        config: optimisation settings.
+        similarity_cost: the attacker's cost of a cosine.
+        offset: optional defense simulation added to the dummy gradient (see
+            :data:`OffsetFn`), recomputed every ``refresh_every`` steps.
+        refresh_every: steps between offset refreshes.
+        progress: tqdm bar; ``None`` shows it only on a terminal.
+
+    Returns:
+        An :class:`InversionResult`.
+    """
+    params = [p for p in model.parameters()]
+    _check_inputs(targets, labels, init, sum(p.numel() for p in params))
+    was_training = model.training
+    model.eval()
+    n_rec = targets.shape[0]
+    schedule = _Schedule(config, n_rec * config.iterations, progress, "uia (loop)")
+    images, cosines = [], []
+    for b in range(n_rec):
+        x = init[b].clone().requires_grad_(True)
+        optimizer = torch.optim.AdamW([x], lr=config.lr, weight_decay=config.weight_decay)
+        off: torch.Tensor | None = None
+        for step in range(config.iterations):
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(step)
+            with torch.no_grad():
+                x.clamp_(0, 1)
+            loss = F.cross_entropy(model(x), labels[b])
+            g = torch.autograd.grad(loss, params, create_graph=True)
+            flat = torch.cat([t.reshape(-1) for t in g])
+            if offset is not None and step % refresh_every == 0:
+                off = offset(step, flat.detach()[None], x.detach()[None])[0]
+            cost, cos = _objective_terms(
+                flat, targets[b], off, x, similarity_cost, config.tv_weight
+            )
+            optimizer.zero_grad(set_to_none=True)
+            (gx,) = torch.autograd.grad(cost, [x])
+            x.grad = gx.sign() if config.signed else gx
+            optimizer.step()
+            schedule.bar.update(1)
+            schedule.record(step, cost.detach(), cos.detach(), label=f"[{b}] ")
+        final = x.detach().clamp(0, 1)
+        loss = F.cross_entropy(model(final.requires_grad_(False)), labels[b])
+        g = torch.autograd.grad(loss, params)
+        flat = torch.cat([t.reshape(-1) for t in g])
+        if offset is not None:
+            off = offset(config.iterations, flat[None], final[None])[0]
+        _, cos = _objective_terms(flat, targets[b], off, final, similarity_cost, 0.0)
+        images.append(final)
+        cosines.append(cos.detach())
+    seconds = schedule.close()
+    model.train(was_training)
+    cosine = torch.stack(cosines)
+    return InversionResult(
+        torch.stack(images), cosine, similarity_cost(cosine), schedule.trace, seconds
+    )
+
+
+def invert_batched(
+    model: nn.Module,
+    targets: torch.Tensor,
+    labels: torch.Tensor,
+    init: torch.Tensor,
+    *,
+    config: AttackConfig,
+    similarity_cost: SimilarityCost,
+    offset: OffsetFn | None = None,
+    refresh_every: int = 1,
+    progress: bool | None = None,
+    chunk_size: int | None = None,
+) -> InversionResult:
+    """All ``B`` reconstructions at once with ``torch.func`` (same arguments as the loop).
+
+    Args:
+        chunk_size: ``vmap`` chunk size, to bound memory on large models (``None`` = all
+            reconstructions in one chunk).
+
+    Notes:
+        One AdamW over the stacked images ``(B, k, C, H, W)`` is exactly ``B`` independent
+        AdamW optimisers: Adam and its decoupled weight decay act element-wise.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    _check_inputs(targets, labels, init, sum(p.numel() for p in params.values()))
+    was_training = model.training
+    model.eval()
+
+    def loss_fn(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, (p, buffers), (x,)), y)
+
+    param_grad = grad(loss_fn)
+
+    def flat_grad(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        g = param_grad(params, x, y)
+        return torch.cat([g[n].reshape(-1) for n in names])
+
+    def objective(
+        x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, off: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        cost, cos = _objective_terms(flat_grad(x, y), t, off, x, similarity_cost, config.tv_weight)
+        return cost, (cost, cos)
+
+    step_fn = vmap(grad_and_value(objective, has_aux=True), chunk_size=chunk_size)
+    grads_fn = vmap(flat_grad, chunk_size=chunk_size)
+    zeros = torch.zeros_like(targets)
+
+    x = init.clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([x], lr=config.lr, weight_decay=config.weight_decay)
+    schedule = _Schedule(config, config.iterations, progress, f"uia (batched B={len(x)})")
+    off = zeros
+    for step in range(config.iterations):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr_at(step)
+        with torch.no_grad():
+            x.clamp_(0, 1)
+        if offset is not None and step % refresh_every == 0:
+            off = offset(step, grads_fn(x.detach(), labels), x.detach())
+        gx, (_, (cost, cos)) = step_fn(x.detach(), labels, targets, off)
+        x.grad = gx.sign() if config.signed else gx
+        optimizer.step()
+        schedule.bar.update(1)
+        schedule.record(step, cost, cos)
+
+    final = x.detach().clamp(0, 1)
+    flat = grads_fn(final, labels)
+    if offset is not None:
+        off = offset(config.iterations, flat, final)
+    g = flat + off
+    cosine = (g * targets).sum(1) / (g.norm(dim=1) * targets.norm(dim=1) + _EPS)
+    seconds = schedule.close()
+    model.train(was_training)
+    return InversionResult(final, cosine, similarity_cost(cosine), schedule.trace, seconds)
+
+
+ENGINES: Registry[Callable[..., InversionResult]] = Registry("attack engine")
+ENGINES.register("loop")(invert_loop)
+ENGINES.register("batched")(invert_batched)
