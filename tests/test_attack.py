@@ -1,0 +1,117 @@
+"""The unlearning-inversion attack: engine equivalence, failure modes, and that it works."""
+
+import copy
+
+import pytest
+import torch
+
+from unlearnshield.attacks import ATTACKERS, AttackConfig, AttackError, infer_labels, reconstruct
+from unlearnshield.attacks.engines import invert_batched
+from unlearnshield.diff import flat_difference
+from unlearnshield.metrics import ssim
+
+from ._fixtures import digits, one_step_release, tiny_digits_model
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_digits_model()
+    data = digits()
+    idx = torch.tensor([0, 1, 2])
+    x, y = data.train.float_images(idx), data.train.labels[idx]
+    releases = [one_step_release(model, x[i : i + 1], y[i : i + 1]) for i in range(3)]
+    return model, x, y, releases
+
+
+def test_loop_and_batched_engines_give_the_same_images(setup):
+    model, _, y, releases = setup
+    model64 = copy.deepcopy(model).double()
+    rel64 = [copy.deepcopy(r).double() for r in releases]
+    config = AttackConfig(iterations=6, restarts=2, tv_weight=0.1, log_every=0)
+    kwargs = dict(input_shape=(3, 32, 32), labels=y[:, None], budget=config, progress=False)
+    loop = reconstruct(model64, rel64, engine="loop", **kwargs)
+    batched = reconstruct(model64, rel64, engine="batched", **kwargs)
+    assert loop.images.dtype == torch.float64
+    torch.testing.assert_close(loop.images, batched.images, rtol=0, atol=1e-10)
+    torch.testing.assert_close(loop.restart_costs, batched.restart_costs, rtol=0, atol=1e-10)
+    # the optimisation moved the images: they are not the clamped initialisation any more
+    init = torch.randn((6, 1, 3, 32, 32), generator=torch.Generator().manual_seed(0)).double()
+    assert (loop.images - init.clamp(0, 1)[::2]).abs().max() > 0.05
+
+
+def test_identical_models_fail_with_a_clear_error(setup):
+    model, *_ = setup
+    with pytest.raises(AttackError, match=r"identical.*nothing was unlearned"):
+        reconstruct(model, model, input_shape=(3, 32, 32), labels=[0], budget=2)
+
+
+def test_incompatible_models_are_refused(setup):
+    model, *_ = setup
+    other = tiny_digits_model(width=4, epochs=1)
+    with pytest.raises(AttackError, match="shapes differ"):
+        reconstruct(model, other, input_shape=(3, 32, 32), labels=[0], budget=2)
+
+
+def test_labels_out_of_range_are_refused(setup):
+    model, _, _, releases = setup
+    with pytest.raises(AttackError, match="labels must lie"):
+        reconstruct(model, releases[0], input_shape=(3, 32, 32), labels=[10], budget=2)
+
+
+def test_label_inference_recovers_one_step_labels():
+    model, data = tiny_digits_model(), digits()
+    idx = torch.arange(40, 80)
+    correct = 0
+    for i in idx:
+        x, y = data.train.float_images(i[None]), data.train.labels[i[None]]
+        correct += int(infer_labels(model, one_step_release(model, x, y))[0] == y[0])
+    assert correct == len(idx)
+    # and from a flipped (anti-aligned) release, since the rule ignores the sign
+    x, y = data.train.float_images(idx[:1]), data.train.labels[idx[:1]]
+    flipped = one_step_release(model, x, y, step_size=-1e-3)
+    assert infer_labels(model, flipped)[0] == y[0]
+
+
+def test_attack_reconstructs_digits_far_better_than_its_initialisation(setup):
+    model, x, y, releases = setup
+    pick = [0, 2]
+    config = AttackConfig(iterations=300, restarts=1, tv_weight=0.2, log_every=0)
+    rec = reconstruct(
+        model,
+        [releases[i] for i in pick],
+        input_shape=(3, 32, 32),
+        labels=y[pick, None],
+        budget=config,
+        progress=False,
+    )
+    init = torch.randn((2, 1, 3, 32, 32), generator=torch.Generator().manual_seed(0)).clamp(0, 1)
+    recovered, baseline = ssim(rec.images[:, 0], x[pick]), ssim(init[:, 0], x[pick])
+    assert (rec.cosine > 0.9).all()
+    assert (recovered > baseline + 0.3).all()
+
+
+def test_sign_agnostic_attacker_follows_a_flipped_difference_where_the_standard_one_leaves():
+    # Start both attackers next to the truth and give them the flipped difference -Δ: the
+    # sign-agnostic cost 1 - |cos| keeps the truth as an optimum (cos = -1), the standard
+    # cost 1 - cos pushes away from it.
+    model, data = tiny_digits_model(), digits()
+    x, y = data.train.float_images(torch.tensor([0])), data.train.labels[:1]
+    flipped = one_step_release(model, x, y, step_size=-1e-3)
+    target = flat_difference(model, flipped)[None]
+    init = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1)))[None]
+    config = AttackConfig(iterations=60, restarts=1, tv_weight=0.0, lr=0.01, log_every=0)
+    results = {
+        name: invert_batched(
+            model,
+            target,
+            y[None],
+            init,
+            config=config,
+            similarity_cost=ATTACKERS.get(name)().similarity_cost,
+        )
+        for name in ("standard", "sign-agnostic")
+    }
+    agnostic, standard = results["sign-agnostic"], results["standard"]
+    assert agnostic.cosine[0] < -0.9
+    assert standard.cosine[0] > agnostic.cosine[0] + 0.5
+    assert ssim(agnostic.images[0], x) > ssim(standard.images[0], x) + 0.1

@@ -1,0 +1,5 @@
+import sys
+
+from unlearnshield.cli import main
+
+sys.exit(main())
