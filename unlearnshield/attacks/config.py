@@ -29,7 +29,12 @@ class AttackConfig:
             ``lr_decay_factor``.
         lr_decay_factor: the decay factor.
         signed: replace the image gradient by its sign before the AdamW step.
-        init_std: standard deviation of the N(0, σ²) initialisation (pixel space).
+        init_std: standard deviation of the initialisation noise (pixel space).
+        init_mean: mean of the initialisation: 0 is the reference's N(0, 1), which the first
+            clamp turns into about half black pixels; 0.5 starts from mid-grey.
+        tv_final: when set, the TV weight decays geometrically from ``tv_weight`` at the
+            first step to ``tv_final`` at the last (a strong prior early against noise, a
+            weak one late for sharpness); ``None`` keeps it constant (the reference).
         log_every: log one fixed-format line every this many steps (0 = never).
     """
 
@@ -42,6 +47,8 @@ class AttackConfig:
     lr_decay_factor: float = 0.5
     signed: bool = True
     init_std: float = 1.0
+    init_mean: float = 0.0
+    tv_final: float | None = None
     log_every: int = 500
 
     def __post_init__(self) -> None:
@@ -57,6 +64,8 @@ class AttackConfig:
             raise ValueError(f"lr_decay_at must be fractions in (0, 1), got {self.lr_decay_at}")
         if self.init_std <= 0:
             raise ValueError(f"init_std must be positive, got {self.init_std}")
+        if self.tv_final is not None and (self.tv_final <= 0 or self.tv_weight <= 0):
+            raise ValueError("a TV schedule needs positive tv_weight and tv_final")
 
     @property
     def milestones(self) -> tuple[int, ...]:
@@ -67,6 +76,13 @@ class AttackConfig:
         """The learning rate in force at ``step`` (0-based)."""
         passed = sum(step >= m for m in self.milestones)
         return self.lr * self.lr_decay_factor**passed
+
+    def tv_at(self, step: int) -> float:
+        """The TV weight in force at ``step`` (0-based)."""
+        if self.tv_final is None or self.iterations == 1:
+            return self.tv_weight
+        frac = step / (self.iterations - 1)
+        return self.tv_weight * (self.tv_final / self.tv_weight) ** frac
 
     def replace(self, **changes: object) -> AttackConfig:
         """A copy with some fields changed."""

@@ -139,7 +139,7 @@ def _objective_terms(
     offset: torch.Tensor | None,
     x: torch.Tensor,
     similarity_cost: SimilarityCost,
-    tv_weight: float,
+    tv_weight: float | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     g = flat_grad if offset is None else flat_grad + offset
     cos = (g @ target) / (g.norm() * target.norm() + _EPS)
@@ -197,7 +197,7 @@ def invert_loop(
             if offset is not None and step % refresh_every == 0:
                 off = offset(step, flat.detach()[None], x.detach()[None])[0]
             cost, cos = _objective_terms(
-                flat, targets[b], off, x, similarity_cost, config.tv_weight
+                flat, targets[b], off, x, similarity_cost, config.tv_at(step)
             )
             optimizer.zero_grad(set_to_none=True)
             (gx,) = torch.autograd.grad(cost, [x])
@@ -262,12 +262,16 @@ def invert_batched(
         return torch.cat([g[n].reshape(-1) for n in names])
 
     def objective(
-        x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, off: torch.Tensor
+        x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, off: torch.Tensor, tv: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        cost, cos = _objective_terms(flat_grad(x, y), t, off, x, similarity_cost, config.tv_weight)
+        cost, cos = _objective_terms(flat_grad(x, y), t, off, x, similarity_cost, tv)
         return cost, (cost, cos)
 
-    step_fn = vmap(grad_and_value(objective, has_aux=True), chunk_size=chunk_size)
+    step_fn = vmap(
+        grad_and_value(objective, has_aux=True),
+        in_dims=(0, 0, 0, 0, None),
+        chunk_size=chunk_size,
+    )
     grads_fn = vmap(flat_grad, chunk_size=chunk_size)
     zeros = torch.zeros_like(targets)
 
@@ -282,7 +286,8 @@ def invert_batched(
             x.clamp_(0, 1)
         if offset is not None and step % refresh_every == 0:
             off = offset(step, grads_fn(x.detach(), labels), x.detach())
-        gx, (_, (cost, cos)) = step_fn(x.detach(), labels, targets, off)
+        tv = torch.tensor(config.tv_at(step), dtype=x.dtype)
+        gx, (_, (cost, cos)) = step_fn(x.detach(), labels, targets, off, tv)
         x.grad = gx.sign() if config.signed else gx
         optimizer.step()
         schedule.bar.update(1)

@@ -259,7 +259,7 @@ def reconstruct(
     r = config.restarts
     generator = torch.Generator().manual_seed(seed)
     init = torch.randn((len(releases) * r, k, *shape), generator=generator, dtype=dtype)
-    init = init * config.init_std
+    init = init * config.init_std + config.init_mean
     rows_target = target.repeat_interleave(r, dim=0)
     rows_labels = label_rows.repeat_interleave(r, dim=0)
     offset, refresh = attacker.offset(model, rows_target, seed=seed)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,16 @@ def home_cache_root() -> Path:
 
 
 def _is_writable_dir(path: Path) -> bool:
-    """True when ``path`` is an existing folder this process may create files in."""
-    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+    """True when ``path`` is an existing folder this process may create files in.
+
+    A folder without its owner's write bit counts as read-only even for root (who may write
+    anywhere): data laid out read-only is not ours to add files to.
+    """
+    return (
+        path.is_dir()
+        and os.access(path, os.W_OK | os.X_OK)
+        and bool(path.stat().st_mode & stat.S_IWUSR)
+    )
 
 
 def cache_roots(data_path: Path, cache_dir: Path | None = None) -> tuple[list[Path], list[Path]]:

@@ -1,0 +1,122 @@
+"""Speed of the two attack engines, measured side by side in one run.
+
+For the ConvNet (width 16, stride-2 stem, the CPU setting) and the CIFAR ResNet18 at 32×32,
+and batch sizes B = 1, 8, 32, it times the per-image loop and the ``torch.func`` batched
+engine on the same targets and reports milliseconds per image-iteration (one optimisation
+step of one reconstruction) and their ratio. It then measures the peak memory of one
+ResNet18 reconstruction in a fresh process. The last line is
+``batched_speedup_convnet16_b8: X`` (loop time / batched time per image-iteration).
+
+    python benchmarks/attack_engines.py [--steps 20] [--resnet-steps 4] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import time
+
+import torch
+
+from unlearnshield.attacks import AttackConfig
+from unlearnshield.attacks.engines import invert_batched, invert_loop
+from unlearnshield.models import build_model
+
+MODELS = {
+    "convnet16": ("convnet", {"width": 16, "stem_stride": 2}),
+    "resnet18": ("resnet18", {}),
+}
+
+
+def make_problem(name: str, batch: int, device: str, seed: int = 0):
+    arch, kwargs = MODELS[name]
+    torch.manual_seed(seed)
+    model = build_model(arch, 10, **kwargs).to(device).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randn(batch, n_params, generator=g).to(device)
+    labels = torch.randint(0, 10, (batch, 1), generator=g).to(device)
+    init = torch.randn(batch, 1, 3, 32, 32, generator=g).to(device)
+    return model, targets, labels, init
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_engine(engine, name: str, batch: int, steps: int, device: str) -> float:
+    """Milliseconds per image-iteration (after one warm-up step per reconstruction)."""
+    model, targets, labels, init = make_problem(name, batch, device)
+    kwargs = dict(similarity_cost=lambda c: 1 - c, progress=False)
+    engine(model, targets, labels, init, config=AttackConfig(iterations=1, log_every=0), **kwargs)
+    sync(device)
+    start = time.perf_counter()
+    engine(
+        model, targets, labels, init, config=AttackConfig(iterations=steps, log_every=0), **kwargs
+    )
+    sync(device)
+    return 1000 * (time.perf_counter() - start) / (batch * steps)
+
+
+def _peak_memory_child(queue, device: str, steps: int) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    model, targets, labels, init = make_problem("resnet18", 1, device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    invert_batched(
+        model,
+        targets,
+        labels,
+        init,
+        config=AttackConfig(iterations=steps, log_every=0),
+        similarity_cost=lambda c: 1 - c,
+        progress=False,
+    )
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gpu = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.startswith("cuda") else None
+    queue.put(((after - before) / 1024, after / 1024, gpu))
+
+
+def peak_memory(device: str, steps: int) -> tuple[float, float, float | None]:
+    """(extra host MiB during the attack, peak host MiB of the process, GPU MiB or None)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_memory_child, args=(queue, device, steps))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (ConvNet)")
+    parser.add_argument("--resnet-steps", type=int, default=3, help="timed steps (ResNet18)")
+    parser.add_argument("--batches", default="1,8,32", help="batch sizes B")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{'model':<10} {'B':>3} {'loop ms/img-it':>15} {'batched ms/img-it':>18} {'ratio':>7}")
+    speedup = {}
+    for name in MODELS:
+        steps = args.steps if name == "convnet16" else args.resnet_steps
+        for b in batches:
+            loop = time_engine(invert_loop, name, b, steps, args.device)
+            batched = time_engine(invert_batched, name, b, steps, args.device)
+            speedup[(name, b)] = loop / batched
+            print(f"{name:<10} {b:>3} {loop:>15.1f} {batched:>18.1f} {loop / batched:>7.2f}")
+    extra, total, gpu = peak_memory(args.device, steps=2)
+    print(
+        f"peak memory of one ResNet18 reconstruction: +{extra:.0f} MiB host during the attack "
+        f"(process peak {total:.0f} MiB)" + (f", {gpu:.0f} MiB GPU" if gpu is not None else "")
+    )
+    print(f"batched_speedup_convnet16_b8: {speedup[('convnet16', 8)]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
