@@ -19,7 +19,7 @@ from unlearnshield.cli._common import UsageError, configure_logging
 
 logger = logging.getLogger("unlearnshield.cli")
 
-COMMANDS = ("train", "unlearn", "attack", "demo")
+COMMANDS = ("train", "unlearn", "protect", "attack", "bench", "report", "demo")
 """Subcommand modules under :mod:`unlearnshield.cli`, in help order."""
 
 EXIT_USAGE = 2
