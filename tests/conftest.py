@@ -30,3 +30,21 @@ def lpips_backbone() -> Path:
     if not path.exists():
         pytest.skip(f"no LPIPS backbone at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def cifar_cpu_model(shared_data):
+    """θo of the ``cpu`` recipe on CIFAR-10 (JPEG copy), trained once per session (~2 min)."""
+    from unlearnshield.data import load_dataset, subset_indices
+    from unlearnshield.models import build_model
+    from unlearnshield.training import RECIPES, seed_everything, train_model
+
+    data = load_dataset("cifar10", shared_data, download=False)
+    recipe = RECIPES.get("cpu")
+    indices = subset_indices(len(data.train), recipe.subset, seed=0)
+    seed_everything(0)
+    model = build_model("convnet", 10, mean=data.mean, std=data.std, width=16, stem_stride=2)
+    report = train_model(
+        model, data.train.subset(indices), recipe=recipe, seed=0, test=data.test, progress=False
+    )
+    return model, data, indices, report

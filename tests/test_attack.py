@@ -12,6 +12,10 @@ from unlearnshield.metrics import ssim
 
 from ._fixtures import digits, one_step_release, tiny_digits_model
 
+# Mean SSIM the `cpu` budget reaches on 8 random CIFAR-10 training members of the cpu model
+# (measured with benchmarks/attack_cpu_budget.py; the slow test asserts it).
+CPU_BUDGET_SSIM_FLOOR = 0.6
+
 
 @pytest.fixture(scope="module")
 def setup():
@@ -115,3 +119,19 @@ def test_sign_agnostic_attacker_follows_a_flipped_difference_where_the_standard_
     assert agnostic.cosine[0] < -0.9
     assert standard.cosine[0] > agnostic.cosine[0] + 0.5
     assert ssim(agnostic.images[0], x) > ssim(standard.images[0], x) + 0.1
+
+
+@pytest.mark.slow
+def test_cpu_budget_reconstructs_cifar10_forget_samples(cifar_cpu_model, lpips_backbone):
+    from unlearnshield.metrics import LPIPSMetric, calibration_images
+    from unlearnshield.unlearning import unlearn
+
+    model, data, indices, _ = cifar_cpu_model
+    pick = indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(0))[:8]]
+    truth, labels = data.train.float_images(pick), data.train.labels[pick]
+    releases = [unlearn(model, truth[i : i + 1], labels[i : i + 1])[0] for i in range(8)]
+    rec = reconstruct(model, releases, input_shape=(3, 32, 32), labels=labels[:, None])
+    lpips = LPIPSMetric(lpips_backbone)
+    blurred = calibration_images(truth)["block_mean_4x4"]
+    assert ssim(rec.images[:, 0], truth).mean() >= CPU_BUDGET_SSIM_FLOOR
+    assert lpips(rec.images[:, 0], truth).mean() < lpips(blurred, truth).mean()

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from unlearnshield.data import load_dataset, subset_indices
 from unlearnshield.models import build_model
 from unlearnshield.training import (
     RECIPES,
@@ -87,13 +86,7 @@ def test_recipe_validation():
 
 
 @pytest.mark.slow
-def test_cpu_recipe_reaches_65_percent_on_cifar10(shared_data):
-    data = load_dataset("cifar10", shared_data, download=False)
-    recipe = RECIPES.get("cpu")
-    indices = subset_indices(len(data.train), recipe.subset, seed=0)
-    seed_everything(0)
-    model = build_model("convnet", 10, mean=data.mean, std=data.std, width=16, stem_stride=2)
-    report = train_model(
-        model, data.train.subset(indices), recipe=recipe, seed=0, test=data.test, progress=False
-    )
+def test_cpu_recipe_reaches_65_percent_on_cifar10(cifar_cpu_model):
+    _, _, indices, report = cifar_cpu_model
+    assert len(indices) == RECIPES.get("cpu").subset
     assert report.test_accuracy >= 0.65

@@ -6,8 +6,9 @@ Two recipes are registered in :data:`RECIPES`:
   momentum, weight decay 5e-4, batch 128, 120 epochs, lr ×0.1 at epochs 44/74/105, random
   crop with 4-pixel padding and horizontal flips, incomplete last batch dropped).
 * ``cpu``: a recipe sized for two CPU cores (SGD with Nesterov momentum 0.9, one-cycle
-  schedule peaking at lr 0.1, weight decay 5e-4, batch 128, flips only, 5 epochs on a
-  10,000-image subset), meant for the ConvNet at width 16 with a stride-2 stem.
+  schedule peaking at lr 0.1, weight decay 5e-4, batch 128, flips only, 4 epochs on a
+  15,000-image subset), meant for the ConvNet at width 16 with a stride-2 stem: 66.3% on the
+  CIFAR-10 test split (JPEG copy, seed 0).
 
 Training is deterministic on the CPU for a given seed: the initialisation, the shuffling
 and the augmentation all draw from generators seeded from it.
@@ -95,11 +96,11 @@ RECIPES.register("reference")(
 )
 RECIPES.register("cpu")(
     TrainRecipe(
-        epochs=5,
+        epochs=4,
         momentum=0.9,
         nesterov=True,
         schedule="onecycle",
-        subset=10_000,
+        subset=15_000,
     )
 )
 
