@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from unlearnshield.attacks import BUDGETS, reconstruct
+from unlearnshield.attacks import BUDGETS, infer_labels, reconstruct
 from unlearnshield.checkpoints import load_checkpoint
 from unlearnshield.data import load_dataset
 from unlearnshield.metrics import calibration_images, reconstruction_scores, try_lpips
@@ -67,6 +67,8 @@ def main() -> None:
         print(f"LPIPS unavailable: {reason}")
 
     print(f"CIFAR-10 (JPEG copy), {args.model}, forget samples {pick.tolist()}")
+    inferred = torch.stack([infer_labels(ckpt.model, rel)[0] for rel in releases])
+    print(f"label inference from Δ: {int((inferred == labels).sum())}/{len(labels)} correct")
     print(f"{'setting':<58} {'SSIM':>13} {'LPIPS':>13} {'PSNR':>13} {'seconds':>8}")
     for name, images in calibration_images(truth, seed=0).items():
         s = reconstruction_scores(images, truth, lpips=lpips)
