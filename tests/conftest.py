@@ -4,6 +4,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# The test models are tiny: a second intra-op thread buys nothing there, and on a busy
+# two-core machine OpenMP's spinning threads slow such runs down tenfold.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
