@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import time
 
 import torch
@@ -60,10 +59,20 @@ def time_engine(engine, name: str, batch: int, steps: int, device: str) -> float
     return 1000 * (time.perf_counter() - start) / (batch * steps)
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _peak_memory_child(queue, device: str, steps: int) -> None:
-    torch.set_num_threads(torch.get_num_threads())
     model, targets, labels, init = make_problem("resnet18", 1, device)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # A forked child inherits its parent's high-water mark: reset it (Linux), then measure.
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = _status_kib("VmRSS")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -76,7 +85,7 @@ def _peak_memory_child(queue, device: str, steps: int) -> None:
         similarity_cost=lambda c: 1 - c,
         progress=False,
     )
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _status_kib("VmHWM")
     gpu = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.startswith("cuda") else None
     queue.put(((after - before) / 1024, after / 1024, gpu))
 
