@@ -12,4 +12,6 @@ __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["__version__"]
+from unlearnshield.defenses import protect  # noqa: E402  (needs __version__ defined above)
+
+__all__ = ["__version__", "protect"]

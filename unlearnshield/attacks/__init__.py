@@ -6,6 +6,7 @@
 torch.Size([1, 1, 3, 32, 32])
 """
 
+from unlearnshield.attacks.adaptive import DefenseAwareAttacker
 from unlearnshield.attacks.config import BUDGETS, AttackConfig, resolve_budget
 from unlearnshield.attacks.engines import ENGINES, InversionResult, total_variation
 from unlearnshield.attacks.uia import (
@@ -26,6 +27,7 @@ __all__ = [
     "AttackConfig",
     "AttackError",
     "Attacker",
+    "DefenseAwareAttacker",
     "InversionResult",
     "Reconstruction",
     "SignAgnosticAttacker",

@@ -8,10 +8,18 @@ import logging
 from pathlib import Path
 
 from unlearnshield._io import atomic_write_json
-from unlearnshield.attacks import ATTACKERS, BUDGETS, ENGINES, AttackError, reconstruct
+from unlearnshield.attacks import (
+    ATTACKERS,
+    BUDGETS,
+    ENGINES,
+    AttackError,
+    DefenseAwareAttacker,
+    reconstruct,
+)
 from unlearnshield.attacks.config import resolve_budget
 from unlearnshield.checkpoints import load_checkpoint
 from unlearnshield.cli._common import UsageError, check_output_path, parse_assignments, user_errors
+from unlearnshield.defenses import DEFENSES
 from unlearnshield.visualize import save_grid
 
 logger = logging.getLogger(__name__)
@@ -43,6 +51,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-images", type=int, default=1, help="forgotten images to reconstruct (k)")
     p.add_argument("--attacker", choices=ATTACKERS.names(), default="standard")
+    p.add_argument(
+        "--defense",
+        choices=DEFENSES.names(),
+        default=None,
+        help="with --attacker defense-aware: the defense the attacker assumes and simulates",
+    )
+    p.add_argument(
+        "--defense-set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a hyper-parameter of that defense as the attacker knows it (repeatable)",
+    )
+    p.add_argument(
+        "--refresh-every",
+        type=int,
+        default=50,
+        help="with --attacker defense-aware: steps between two simulations of the defense",
+    )
     p.add_argument("--budget", default="cpu", help="cpu, paper, or a number of steps")
     p.add_argument("--engine", choices=ENGINES.names(), default="batched")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
@@ -70,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         config = resolve_budget(args.budget).replace(**parse_assignments(args.set))
     except (KeyError, TypeError, ValueError) as err:
         raise UsageError(f"bad budget {args.budget!r}: {err}") from err
+    attacker = _attacker(args)
     labels = None
     if args.label is not None:
         try:
@@ -87,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             input_shape=shape,
             labels=labels,
             num_images=len(labels) if labels else args.num_images,
-            attacker=args.attacker,
+            attacker=attacker,
             budget=config,
             engine=args.engine,
             seed=args.seed,
@@ -110,3 +137,24 @@ def run(args: argparse.Namespace) -> int:
     )
     logger.debug("report: %s", json.dumps(summary)[:500])
     return 0
+
+
+def _attacker(args: argparse.Namespace) -> str | DefenseAwareAttacker:
+    """The attacker name, or the defense-aware attacker built from its options."""
+    if args.attacker != DefenseAwareAttacker.name:
+        if args.defense is not None or args.defense_set:
+            raise UsageError("--defense and --defense-set need --attacker defense-aware")
+        return args.attacker
+    if args.defense is None:
+        raise UsageError(
+            "--attacker defense-aware needs --defense NAME, the defense it assumes "
+            f"({', '.join(DEFENSES.names())})"
+        )
+    try:
+        return DefenseAwareAttacker(
+            args.defense,
+            defense_options=parse_assignments(args.defense_set, "--defense-set"),
+            refresh_every=args.refresh_every,
+        )
+    except ValueError as err:
+        raise UsageError(f"bad defense-aware attacker settings: {err}") from err
