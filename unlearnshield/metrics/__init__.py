@@ -1,5 +1,20 @@
-"""Metrics that score reconstructions against the true images."""
+"""Metrics: reconstructions against the true images; accuracy, OutDiff and membership inference."""
 
+from unlearnshield.metrics.forgetting import (
+    MIA_STATISTIC,
+    OUTPUT_SPACE,
+    MembershipReport,
+    accuracy_of,
+    classification_accuracy,
+    evaluation_mode,
+    membership_auc,
+    membership_inference,
+    outdiff,
+    output_distance,
+    predict_logits,
+    svc_mia_efficacy,
+    true_label_confidence,
+)
 from unlearnshield.metrics.lpips import (
     BACKBONE_ENV_VAR,
     MIN_IMAGE_SIZE,
@@ -24,18 +39,31 @@ from unlearnshield.metrics.reconstruction import (
 __all__ = [
     "BACKBONE_ENV_VAR",
     "CALIBRATION_ROWS",
+    "MIA_STATISTIC",
     "MIN_IMAGE_SIZE",
+    "OUTPUT_SPACE",
     "SSIM_IMPL",
     "BackboneSource",
     "LPIPSMetric",
     "LPIPSUnavailable",
+    "MembershipReport",
+    "accuracy_of",
     "calibration_images",
+    "classification_accuracy",
     "clear_lpips_cache",
+    "evaluation_mode",
+    "membership_auc",
+    "membership_inference",
     "mse",
+    "outdiff",
+    "output_distance",
+    "predict_logits",
     "psnr",
     "reconstruction_scores",
     "resolve_backbone",
     "ssim",
+    "svc_mia_efficacy",
     "torchvision_cache_path",
+    "true_label_confidence",
     "try_lpips",
 ]
