@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The offline LPIPS backbone, where the shared data sits beside the checkout.
+LPIPS_BACKBONE ?= $(wildcard ../shared/weights/lpips-alexnet-features.pth)
+
 demo: $(STAMP)
-	$(BIN)/unlearnshield demo
+	UNLEARNSHIELD_LPIPS_BACKBONE=$(LPIPS_BACKBONE) $(BIN)/unlearnshield demo
 
 test: $(STAMP)
 	$(BIN)/ruff format --check .
