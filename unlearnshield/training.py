@@ -8,7 +8,7 @@ Two recipes are registered in :data:`RECIPES`:
 * ``cpu``: a recipe sized for two CPU cores (SGD with Nesterov momentum 0.9, one-cycle
   schedule peaking at lr 0.1, weight decay 5e-4, batch 128, flips only, 4 epochs on a
   15,000-image subset), meant for the ConvNet at width 16 with a stride-2 stem: 66.3% on the
-  CIFAR-10 test split (JPEG copy, seed 0).
+  CIFAR-10 test split (JPEG copy, seed 0) in 282 s of training on two cores.
 
 Training is deterministic on the CPU for a given seed: the initialisation, the shuffling
 and the augmentation all draw from generators seeded from it.
