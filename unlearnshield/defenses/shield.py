@@ -13,14 +13,14 @@ from the amplitude-based initialisation (AIM) δ ~ N(0, σ²), σ = mean |Δ_i| 
 How it runs fast. Only L_forget goes through autograd, via ``functional_call`` on the
 release's own parameter tensors, rewritten in place to θu + δ before each forward. The
 gradients of L_privacy and L_acc are closed-form, c₁·Δ + c₂·δ with two scalars from two dot
-products (one matrix-vector product over the stacked [Δ; δ]); c₁·Δ is added onto autograd's
-gradient in one pass and c₂·δ rides in the L2 term of PyTorch's fused Adam kernel, which
-works on per-parameter views of flat δ and moment buffers. Those buffers are allocated once,
-huge-page backed (:func:`~unlearnshield._memory.zeroed_buffer`); nothing of size P is
-allocated inside the loop apart from autograd's own gradients. Per iteration that is about
-15 passes over P entries besides the forward and backward pass.
-``benchmarks/shield_cost.py`` measures the cost against the ten forward+backward passes the
-method needs anyway.
+products (one matrix-vector product over the stacked [Δ; δ]): c₁·Δ is written into a flat
+gradient buffer, the backward pass accumulates λ2·∇L_forget onto it in place (the leaves'
+``.grad`` are views of it), and c₂·δ rides in the L2 term of PyTorch's fused Adam kernel,
+which works on per-parameter views of flat δ and moment buffers. These buffers are allocated
+once per call, huge-page backed (:func:`~unlearnshield._memory.zeroed_buffer`), so nothing of
+size P is allocated inside the loop; besides the forward and backward pass an iteration
+streams about 15 passes over P entries. ``benchmarks/shield_cost.py`` measures the cost
+against the ten forward+backward passes the method needs anyway.
 """
 
 from __future__ import annotations
@@ -185,10 +185,10 @@ def initial_perturbation(
 class _Adam:
     """Adam (PyTorch's functional kernel) on per-parameter views of flat δ, m and v buffers.
 
-    The gradient arrives as one tensor per parameter (autograd's own, not copied into a flat
-    buffer) and the kernel's L2 term ``grad + wd·δ`` carries the δ-component of the analytic
-    gradient, so no extra pass builds it. The fused kernel runs where the device and dtype
-    have it, the multi-tensor (foreach) one elsewhere; both are exactly Adam.
+    The kernel's L2 term ``grad + wd·δ`` carries the δ-component of the analytic gradient, so
+    no extra pass builds it. The fused kernel runs where the device and dtype have it, the
+    multi-tensor (foreach) one elsewhere; both compute exactly Adam (``torch.optim.Adam``
+    with the same betas and ε, no weight decay of its own).
 
     Args:
         params: views of δ, one per parameter.
