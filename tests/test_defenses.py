@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import unlearnshield
+from unlearnshield._memory import WORK_BUFFERS
 from unlearnshield.attacks import ATTACKERS, AttackConfig, DefenseAwareAttacker, reconstruct
 from unlearnshield.defenses import (
     DEFENSES,
@@ -27,6 +28,7 @@ from unlearnshield.defenses import (
     protect,
 )
 from unlearnshield.defenses.base import kept_count
+from unlearnshield.defenses.shield import PARALLEL_DRAW_CHUNKS, PARALLEL_DRAW_MIN, gaussian_fill
 from unlearnshield.metrics import outdiff, output_distance
 from unlearnshield.models import build_model
 
@@ -161,6 +163,37 @@ def uncertain():
         candidates.append((float((flat(unlearned) - flat(model)).norm()), i, x, y, unlearned))
     _, _, x, y, unlearned = max(candidates, key=lambda c: c[0])
     return model, x, y, unlearned
+
+
+def test_reused_work_buffers_with_stale_contents_change_nothing(setup):
+    model, x, y, unlearned = setup
+    WORK_BUFFERS.clear()
+    first, _ = protect(model, unlearned, x, y, seed=2)
+    assert WORK_BUFFERS._idle  # protect gave its buffers back for the next call
+    for buffer in WORK_BUFFERS._idle:
+        buffer.fill_(float("nan"))  # whatever a previous user left
+    second, _ = protect(model, unlearned, x, y, seed=2)
+    assert torch.equal(flat(first), flat(second))
+    WORK_BUFFERS.clear()
+
+
+def test_large_gaussian_draws_do_not_depend_on_the_thread_count():
+    threads = torch.get_num_threads()
+    draws = []
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            out = torch.empty(PARALLEL_DRAW_MIN)
+            draws.append(gaussian_fill(out, 0.5, torch.Generator().manual_seed(9)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+    assert float(draws[0].std()) == pytest.approx(0.5, rel=0.01)
+    pieces = draws[0].chunk(PARALLEL_DRAW_CHUNKS)
+    assert abs(float(torch.corrcoef(torch.stack([pieces[0], pieces[1]]))[0, 1])) < 0.01
+    small = gaussian_fill(torch.empty(1000), 0.5, torch.Generator().manual_seed(9))
+    expected = torch.empty(1000).normal_(0.0, 0.5, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(small, expected)  # below the threshold: one plain normal_ call
 
 
 @pytest.mark.parametrize("scale_free", [False, True])

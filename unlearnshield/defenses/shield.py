@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 from torch.optim.adam import adam
 
-from unlearnshield._memory import zeroed_buffer
+from unlearnshield._memory import WORK_BUFFERS, zeroed_buffer
 from unlearnshield._registry import Registry
 from unlearnshield.defenses.base import (
     DEFENSES,
@@ -44,6 +45,8 @@ from unlearnshield.defenses.base import (
     ParameterLayout,
     ProtectionProblem,
     check_config,
+    chunked_abs_sum,
+    chunked_mv,
     copy_with_fresh_parameters,
     forward_with,
     parameters_of,
@@ -69,13 +72,13 @@ class PrivacyObjective:
     """
 
     formula: str
-    value: Callable[[torch.Tensor], torch.Tensor]
-    slope: Callable[[torch.Tensor], torch.Tensor]
+    value: Callable[[float], float]
+    slope: Callable[[float], float]
 
 
 PRIVACY_OBJECTIVES: Registry[PrivacyObjective] = Registry("privacy objective")
 PRIVACY_OBJECTIVES.register("anti-align")(
-    PrivacyObjective("1 + cos(Δ, Δ*)  (paper Eq. 3)", lambda c: 1 + c, torch.ones_like)
+    PrivacyObjective("1 + cos(Δ, Δ*)  (paper Eq. 3)", lambda c: 1 + c, lambda c: 1.0)
 )
 PRIVACY_OBJECTIVES.register("orthogonal")(
     PrivacyObjective("cos²(Δ, Δ*)", lambda c: c * c, lambda c: 2 * c)
@@ -156,7 +159,49 @@ class ShieldConfig:
 
 def aim_sigma(delta: torch.Tensor) -> float:
     """AIM's σ = (1/n) Σ |Δ_i| (paper Eq. 4) of a flat difference ``(P,)``."""
-    return float(torch.linalg.vector_norm(delta, ord=1)) / delta.numel()
+    return chunked_abs_sum(delta) / delta.numel()
+
+
+PARALLEL_DRAW_CHUNKS = 4
+"""Independent Gaussian streams a large CPU draw of δ₀ is split into (fixed, so that the bits
+do not depend on the thread count)."""
+
+PARALLEL_DRAW_MIN = 2**22
+"""Entries from which the CPU draw of δ₀ is split; below it, one ``normal_`` call."""
+
+
+def gaussian_fill(out: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Fill ``out`` with i.i.d. N(0, std²) draws from ``generator``, in place.
+
+    PyTorch's CPU ``normal_`` runs on one thread (56 ms for ResNet18's 11.2M entries here), so
+    a large CPU tensor is split into :data:`PARALLEL_DRAW_CHUNKS` pieces, each drawn from its
+    own generator seeded from ``generator``, on up to ``torch.get_num_threads()`` threads.
+    The result depends only on ``generator``'s state, not on the number of threads.
+
+    Args:
+        out: the tensor to fill (contiguous).
+        std: the standard deviation, in the tensor's units.
+        generator: the random source (on ``out``'s device).
+
+    Returns:
+        ``out``.
+    """
+    if out.device.type != "cpu" or out.numel() < PARALLEL_DRAW_MIN:
+        return out.normal_(0.0, std, generator=generator)
+    seeds = torch.randint(0, 2**62, (PARALLEL_DRAW_CHUNKS,), generator=generator).tolist()
+    pieces = out.view(-1).chunk(PARALLEL_DRAW_CHUNKS)
+
+    def fill(i: int) -> None:
+        pieces[i].normal_(0.0, std, generator=torch.Generator().manual_seed(seeds[i]))
+
+    workers = min(PARALLEL_DRAW_CHUNKS, torch.get_num_threads())
+    if workers <= 1:
+        for i in range(len(pieces)):
+            fill(i)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(fill, range(len(pieces))))
+    return out
 
 
 def initial_perturbation(
@@ -179,7 +224,7 @@ def initial_perturbation(
     sigma = aim_sigma(delta)
     std = sigma if config.aim else config.init_std
     out = torch.empty_like(delta) if out is None else out
-    return out.normal_(0.0, std, generator=generator), sigma, std
+    return gaussian_fill(out, std, generator), sigma, std
 
 
 class _Adam:
@@ -246,36 +291,42 @@ class ShieldRun:
 
     Attributes:
         perturbation: the final δ, flat ``(P,)``.
+        released: the final θu' = θu + δ, flat ``(P,)``.
         sigma: σ = mean|Δ|.
         init_std: the std δ was initialised with (σ with AIM).
         lr: the learning rate Adam used (``relative_lr·σ`` when scale-free).
         acc_scale: the factor in L_acc = acc_scale·‖δ‖² (1, or 1/‖Δ‖² when scale-free).
         adam: which Adam kernel ran.
-        curve: per iteration ``(iterations, 5)``: L_privacy, L_acc, L_forget, L_total and
-            cos(Δ, Δ*), each at δ before that iteration's step.
+        curve: per iteration, [L_privacy, L_acc, L_forget, L_total, cos(Δ, Δ*)], each at δ
+            before that iteration's step.
         cosine: cos(Δ, Δ*) at the final δ.
         perturbation_norm: ‖δ‖₂ at the final δ.
         released_delta_norm: ‖Δ*‖₂ at the final δ.
     """
 
     perturbation: torch.Tensor
+    released: torch.Tensor
     sigma: float
     init_std: float
     lr: float
     acc_scale: float
     adam: str
-    curve: torch.Tensor
+    curve: list[list[float]]
     cosine: float
     perturbation_norm: float
     released_delta_norm: float
 
-    def loss_curve(self, config: ShieldConfig) -> list[dict[str, float]]:
+    def loss_curve(self) -> list[dict[str, float]]:
         """The curve as one dict per iteration."""
         keys = ("L_privacy", "L_acc", "L_forget", "L_total", "cosine")
         return [
             {"iteration": t, **dict(zip(keys, row, strict=True))}
-            for t, row in enumerate(self.curve.tolist())
+            for t, row in enumerate(self.curve)
         ]
+
+
+WORKSPACE_ROWS = ("Δ", "δ", "m", "v", "gradient", "θu")
+"""The rows of UnlearnShield's flat ``(6, P)`` workspace, in order."""
 
 
 def shield_perturbation(
@@ -287,27 +338,31 @@ def shield_perturbation(
     reference_logits: torch.Tensor,
     config: ShieldConfig,
     generator: torch.Generator,
-    released: Sequence[torch.Tensor],
+    release: torch.Tensor | None = None,
 ) -> ShieldRun:
-    """Optimise UnlearnShield's δ (paper Eqs. 3–8) and write θu + δ into ``released``.
+    """Optimise UnlearnShield's δ (paper Eqs. 3–8) for θu' = θu + δ.
 
     Args:
         model: a module with θu's architecture and buffers, in eval mode; only used through
             ``functional_call`` (its own parameters are neither read nor written).
         layout: the parameter layout (names, shapes) of ``model``.
         theta_u: θu's parameters, in layout order (read only).
-        workspace: a zero-filled ``(5, P)`` buffer whose row 0 holds Δ = θu − θo (not zero;
-            read only). Row 1 receives δ, rows 2–3 Adam's moments, row 4 the gradient.
-            Stacking Δ and δ lets one matrix-vector product give both Δ·δ and δ·δ.
+        workspace: a ``(6, P)`` buffer, rows :data:`WORKSPACE_ROWS`: row 0 holds Δ = θu − θo
+            (not zero; read only); the others are overwritten: δ, Adam's two moments, the
+            gradient and a flat copy of θu. Stacking Δ and δ lets one matrix-vector product
+            give both Δ·δ and δ·δ.
+        release: a ``(P,)`` buffer for θu' = θu + δ, whose per-parameter views the forward
+            pass runs on; default None, a new one. It must not share storage with
+            ``workspace``: autograd checks that what it saved is not modified before the
+            backward pass, and views of one buffer share that check.
         forget_x: the forget images ``(k, C, H, W)`` in [0, 1].
         reference_logits: f_θu(forget_x), ``(k, num_classes)``.
         config: the options.
         generator: the random source of the initialisation.
-        released: one tensor per parameter (layout order, shapes of θu), overwritten with the
-            released θu' = θu + δ; on return they hold the final release.
 
     Returns:
-        A :class:`ShieldRun` (its ``perturbation`` is ``workspace[1]``).
+        A :class:`ShieldRun`: ``perturbation`` is ``workspace[1]``, ``released`` is
+        ``release`` holding the final θu' (flat, layout order).
 
     Notes:
         L_privacy's and L_acc's gradients are closed-form: with c = cos(Δ, Δ*),
@@ -317,43 +372,47 @@ def shield_perturbation(
         gradient buffer, the backward pass accumulates λ2·∇L_forget onto it in place (no
         gradient tensor is allocated), and c₂·δ rides in Adam's L2 term. The losses of
         each iteration are those at δ before its step, as a plain autograd loop reports them
-        (``tests/test_defenses.py`` checks this function against one in float64). The two
-        scalars are read back to the host once per iteration (a device sync on a GPU).
+        (``tests/test_defenses.py`` checks this function against one in float64). The
+        scalars are computed in float64 on the host (a device sync per iteration on a GPU).
     """
     objective = PRIVACY_OBJECTIVES.get(config.objective)
     lambda_acc, lambda_forget = config.lambda_acc, config.lambda_forget
-    if workspace.dim() != 2 or workspace.shape[0] != 5:
-        raise ValueError(f"workspace must be (5, P), got {tuple(workspace.shape)}")
-    delta, perturbation, exp_avg, exp_avg_sq, gradient = workspace
+    if workspace.dim() != 2 or workspace.shape[0] != len(WORKSPACE_ROWS):
+        raise ValueError(
+            f"workspace must be ({len(WORKSPACE_ROWS)}, P), got {tuple(workspace.shape)}"
+        )
+    delta, perturbation, exp_avg, exp_avg_sq, gradient, base = workspace
+    if release is None:
+        release = zeroed_buffer(delta.shape, dtype=delta.dtype, device=delta.device)
     pair = workspace[:2]  # Δ and δ, for both dot products in one pass
-    delta_sq = torch.mv(workspace[:1], delta)[0]
-    delta_norm = delta_sq.sqrt()
+    delta_sq = float(chunked_mv(workspace[:1], delta)[0])
+    delta_norm = math.sqrt(delta_sq)
+    layout.flatten(theta_u, out=base)
+    workspace[2:4].zero_()  # Adam's moments start at zero
 
     # AIM initialisation (Eq. 4), or N(0, init_std²) without it
     _, sigma, init_std = initial_perturbation(delta, config, generator, out=perturbation)
 
     # scale: absolute (the paper) or relative to the size of Δ
     lr = config.relative_lr * sigma if config.scale_free else config.lr
-    acc_scale = 1.0 / float(delta_sq) if config.scale_free else 1.0
+    acc_scale = 1.0 / delta_sq if config.scale_free else 1.0
 
-    steps = layout.split(perturbation)
-    optimizer = _Adam(steps, layout.split(exp_avg), layout.split(exp_avg_sq), lr)
+    optimizer = _Adam(
+        layout.split(perturbation), layout.split(exp_avg), layout.split(exp_avg_sq), lr
+    )
     grads = layout.split(gradient)
-    leaves = [t.detach().requires_grad_(lambda_forget > 0) for t in released]
-    curve = torch.empty(config.iterations, 5, dtype=delta.dtype, device=delta.device)
+    leaves = [t.detach().requires_grad_(lambda_forget > 0) for t in layout.split(release)]
+    curve: list[list[float]] = []
 
-    def write_release() -> None:
-        with torch.no_grad():
-            for leaf, base, step in zip(leaves, theta_u, steps, strict=True):
-                torch.add(base, step, out=leaf)
-
-    def cosine_terms() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cross, own = torch.mv(pair, perturbation)  # Δ·δ and δ·δ
+    def cosine_terms() -> tuple[float, float, float]:
+        cross, own = chunked_mv(pair, perturbation).tolist()  # Δ·δ and δ·δ
         released_sq = delta_sq + 2 * cross + own  # ‖Δ*‖²
-        return (delta_sq + cross) / (delta_norm * released_sq.sqrt()), own, released_sq
+        return (delta_sq + cross) / (delta_norm * math.sqrt(released_sq)), own, released_sq
 
-    for t in range(config.iterations):
-        write_release()
+    for _ in range(config.iterations):
+        # θu' = θu + δ, in place in the buffer the forward pass reads
+        with torch.no_grad():
+            torch.add(base, perturbation, out=release)
 
         # L_forget (Eq. 7), the only term through autograd
         with torch.set_grad_enabled(lambda_forget > 0):
@@ -362,15 +421,15 @@ def shield_perturbation(
 
         with torch.no_grad():
             # L_privacy (Eq. 3) and L_acc (Eq. 5); their gradient is c₁·Δ + c₂·δ
+            # (the scalars in float64 on the host)
             cos, own, released_sq = cosine_terms()
-            l_privacy = objective.value(cos)
-            slope = objective.slope(cos)
-            a = 1 / (delta_norm * released_sq.sqrt())
+            l_privacy, slope = objective.value(cos), objective.slope(cos)
+            a = 1 / (delta_norm * math.sqrt(released_sq))
             b = cos / released_sq
-            l_acc = acc_scale * own
-            total = l_privacy + lambda_acc * l_acc + lambda_forget * l_forget
-            curve[t] = torch.stack([l_privacy, l_acc, l_forget.detach(), total, cos])
-            c1, c2 = torch.stack([slope * (a - b), 2 * lambda_acc * acc_scale - slope * b]).tolist()
+            l_acc, l_forget_value = acc_scale * own, float(l_forget)
+            total = l_privacy + lambda_acc * l_acc + lambda_forget * l_forget_value
+            curve.append([l_privacy, l_acc, l_forget_value, total, cos])
+            c1, c2 = slope * (a - b), 2 * lambda_acc * acc_scale - slope * b
             torch.mul(delta, c1, out=gradient)
 
         # + λ2·∇L_forget, accumulated in place through the leaves' .grad (views of the
@@ -383,20 +442,21 @@ def shield_perturbation(
                 leaf.grad = None
         optimizer.step(grads, weight_decay=c2)
 
-    write_release()
     with torch.no_grad():
+        torch.add(base, perturbation, out=release)
         cos, own, released_sq = cosine_terms()
     return ShieldRun(
         perturbation=perturbation,
+        released=release.detach(),
         sigma=sigma,
         init_std=init_std,
         lr=lr,
         acc_scale=acc_scale,
         adam=optimizer.kernel,
         curve=curve,
-        cosine=float(cos),
-        perturbation_norm=float(own.sqrt()),
-        released_delta_norm=float(released_sq.sqrt()),
+        cosine=cos,
+        perturbation_norm=math.sqrt(own),
+        released_delta_norm=math.sqrt(released_sq),
     )
 
 
@@ -419,23 +479,34 @@ class UnlearnShield(Defense):
 
     name = "shield"
     Config = ShieldConfig
-    workspace_rows = 5
+    workspace_rows = len(WORKSPACE_ROWS)
 
     def _protect(
         self, problem: ProtectionProblem, generator: torch.Generator
     ) -> tuple[nn.Module, dict[str, Any]]:
         released = copy_with_fresh_parameters(problem.unlearned).eval()
-        run = shield_perturbation(
-            released,
-            problem.layout,
-            parameters_of(problem.unlearned),
-            problem.workspace,
-            problem.forget_x,
-            problem.reference_logits,
-            self.config,
-            generator,
-            parameters_of(released),
-        )
+        delta = problem.delta
+        release, _ = WORK_BUFFERS.take(delta.shape, dtype=delta.dtype, device=delta.device)
+        try:
+            run = shield_perturbation(
+                released,
+                problem.layout,
+                parameters_of(problem.unlearned),
+                problem.workspace,
+                problem.forget_x,
+                problem.reference_logits,
+                self.config,
+                generator,
+                release,
+            )
+            with torch.no_grad():
+                for target, value in zip(
+                    parameters_of(released), problem.layout.split(release), strict=True
+                ):
+                    target.copy_(value)
+        finally:
+            WORK_BUFFERS.give(release)
+        run.perturbation = run.released = torch.empty(0)  # views of pooled buffers
         return released, {
             "cosine": run.cosine,
             "released_delta_norm": run.released_delta_norm,
@@ -446,7 +517,7 @@ class UnlearnShield(Defense):
             "acc_scale": run.acc_scale,
             "privacy_objective": PRIVACY_OBJECTIVES.get(self.config.objective).formula,
             "adam": {"betas": list(ADAM_BETAS), "eps": ADAM_EPS, "kernel": run.adam},
-            "loss_curve": run.loss_curve(self.config),
+            "loss_curve": run.loss_curve(),
         }
 
     def simulate(
@@ -460,17 +531,17 @@ class UnlearnShield(Defense):
         """Run UnlearnShield on each simulated difference, with the dummy images as the
         forget set: row b is θu = θo + Δ¹_b, protected from its own AIM draw."""
         layout = ParameterLayout.of(original)
-        theta_o = parameters_of(original)
+        theta_o = torch.cat([p.reshape(-1) for p in parameters_of(original)])
+        rows = (len(WORKSPACE_ROWS), delta.shape[1])
         out = delta.clone()
         for b in range(delta.shape[0]):
             if not torch.any(delta[b] != 0):
                 continue
-            workspace = zeroed_buffer((5, delta.shape[1]), dtype=delta.dtype, device=delta.device)
+            workspace = zeroed_buffer(rows, dtype=delta.dtype, device=delta.device)
             workspace[0] = delta[b]
+            theta_u = layout.split(theta_o + delta[b])
             with torch.no_grad():
-                theta_u = [o + d for o, d in zip(theta_o, layout.split(workspace[0]), strict=True)]
                 reference = forward_with(original, layout, theta_u, images[b])
-            released = [torch.empty_like(p) for p in theta_o]
             run = shield_perturbation(
                 original,
                 layout,
@@ -480,7 +551,6 @@ class UnlearnShield(Defense):
                 reference,
                 self.config,
                 generator,
-                released,
             )
             out[b] += run.perturbation
         return out
