@@ -162,11 +162,12 @@ def evaluate_accuracy(model: nn.Module, split: ImageSplit, *, batch_size: int = 
     """Top-1 accuracy in [0, 1] of ``model`` (eval mode) on ``split``."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(split), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(split)))
-        logits = model(split.float_images(idx))
-        correct += int((logits.argmax(1) == split.labels[idx]).sum())
+        logits = model(split.float_images(idx).to(device))
+        correct += int((logits.argmax(1).cpu() == split.labels[idx]).sum())
     model.train(was_training)
     return correct / max(len(split), 1)
 
@@ -211,7 +212,8 @@ def train_model(
     Returns:
         A :class:`TrainReport`; the model is left in eval mode.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU, where batches are formed
+    device = next(model.parameters()).device
     n = len(train)
     steps = n // recipe.batch_size if recipe.drop_last else -(-n // recipe.batch_size)
     if steps == 0:
@@ -239,7 +241,7 @@ def train_model(
                 flip=recipe.flip,
                 generator=generator,
             )
-            y = train.labels[idx]
+            x, y = x.to(device, non_blocking=True), train.labels[idx].to(device)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)

@@ -257,11 +257,13 @@ def reconstruct(
 
     # Restarts are extra rows of the batch, selected afterwards by matching cost.
     r = config.restarts
+    # drawn on the CPU, so that a seed gives the same start on every device
+    device = target.device
     generator = torch.Generator().manual_seed(seed)
     init = torch.randn((len(releases) * r, k, *shape), generator=generator, dtype=dtype)
-    init = init * config.init_std + config.init_mean
+    init = (init * config.init_std + config.init_mean).to(device)
     rows_target = target.repeat_interleave(r, dim=0)
-    rows_labels = label_rows.repeat_interleave(r, dim=0)
+    rows_labels = label_rows.to(device).repeat_interleave(r, dim=0)
     offset, refresh = attacker.offset(model, rows_target, seed=seed)
     kwargs: dict[str, Any] = {"chunk_size": chunk_size} if engine == "batched" else {}
     result: InversionResult = run(
@@ -279,7 +281,7 @@ def reconstruct(
 
     costs = result.cost.view(len(releases), r)
     best = costs.argmin(dim=1)
-    pick = torch.arange(len(releases)) * r + best
+    pick = torch.arange(len(releases), device=best.device) * r + best
     return Reconstruction(
         images=result.images[pick],
         labels=label_rows,
