@@ -118,11 +118,25 @@ def test_a_name_is_resolved_to_its_settings_in_the_cell():
         ({"attack.budget": "huge"}, "unknown attack budget"),
         ({"data.datasets": "mnist"}, "unknown dataset"),
         ({"attack.attackers": "standard", "attack.attacker_options": {"standard": {"x": 1}}}, "x"),
+        ({"attack.only_against": {"defense-aware": ["shield"]}}, "not in attack.attackers"),
+        ({"attack.only_against": {"standard": ["soteria"]}}, "not among the sweep's defenses"),
     ],
 )
 def test_bad_settings_fail_before_anything_runs(overrides, message):
     with pytest.raises(SpecError, match=message):
         plan_cells(apply_overrides(load_preset("quick"), overrides))
+
+
+def test_only_against_pairs_an_attacker_with_the_named_defenses_only():
+    both = {"attack.attackers": ["standard", "defense-aware"]}
+    everything = plan_cells(tiny(**both))
+    pairs = {(c.config["attack"]["attacker"], c.config["defense"]["name"]) for c in everything}
+    assert ("defense-aware", "none") in pairs and len(everything) == 8
+    restricted = plan_cells(tiny(**both, **{"attack.only_against": {"defense-aware": "shield"}}))
+    pairs = {(c.config["attack"]["attacker"], c.config["defense"]["name"]) for c in restricted}
+    assert pairs == {("standard", "none"), ("standard", "shield"), ("defense-aware", "shield")}
+    # a filter is not a setting of the cells it keeps: their keys do not move
+    assert {c.key for c in restricted} < {c.key for c in everything}
 
 
 def test_units_batch_samples_of_one_setting_and_shards_partition_them():

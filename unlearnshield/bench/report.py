@@ -138,6 +138,13 @@ LAYOUTS.register("adaptive")(
         ("attacker", "defense"),
     )
 )
+LAYOUTS.register("defenses")(
+    Layout(
+        "Every defense against every attacker",
+        ("ssim", "lpips", "test_accuracy", "outdiff", "cos_delta", "attack_cosine"),
+        ("attacker", "defense"),
+    )
+)
 LAYOUTS.register("cost")(
     Layout(
         "Computation cost of the defense (§4.4)",

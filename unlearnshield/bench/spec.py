@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,9 @@ SPEC_DEFAULTS: dict[str, Any] = {
         # options per attacker name, e.g. {"defense-aware": {"refresh_every": 50}}; the
         # defense-aware attacker simulates the cell's own defense with its settings
         "attacker_options": {},
+        # defense names per attacker name, e.g. {"defense-aware": ["shield"]}: that attacker
+        # is paired only with those defenses (default: every attacker with every defense)
+        "only_against": {},
         "labels": "given",
         "engine": "batched",
         # forget samples attacked in one batched run (cells that differ only in the sample)
@@ -469,6 +472,35 @@ def _check_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {k: metrics[k] for k in sorted(SPEC_DEFAULTS["metrics"])}
 
 
+def _check_only_against(
+    attack: Mapping[str, Any],
+    attackers: Sequence[Mapping[str, Any]],
+    defenses: Sequence[tuple[Mapping[str, Any], str]],
+) -> dict[str, set[str]]:
+    """``attack.only_against`` checked: attacker name → the defense names it is paired with."""
+    only = attack.get("only_against") or {}
+    if not isinstance(only, Mapping):
+        raise SpecError(f"attack.only_against must be a table, got {only!r}")
+    named = {a["attacker"] for a in attackers}
+    present = {d["name"] for d, _ in defenses}
+    out: dict[str, set[str]] = {}
+    for attacker, names in only.items():
+        if attacker not in named:
+            raise SpecError(
+                f"attack.only_against names {attacker!r}, which is not in attack.attackers "
+                f"{sorted(named)}"
+            )
+        names = _listify(names, f"attack.only_against.{attacker}")
+        missing = sorted(set(names) - present)
+        if missing:
+            raise SpecError(
+                f"attack.only_against.{attacker}: {missing} not among the sweep's defenses "
+                f"{sorted(present)}"
+            )
+        out[attacker] = set(names)
+    return out
+
+
 def plan_cells(spec: Mapping[str, Any]) -> list[Cell]:
     """Expand a specification into its sorted list of cells, validating every setting once.
 
@@ -500,12 +532,16 @@ def plan_cells(spec: Mapping[str, Any]) -> list[Cell]:
     ]
     seeds = _listify(sweep["seeds"], "sweep.seeds")
     metrics = _check_metrics(spec["metrics"])
+    only_against = _check_only_against(spec["attack"], attackers, defenses)
 
     cells: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = []
     axes = itertools.product(datasets, unlearning, defenses, attackers, seeds)
     for dataset, (unlearn, unlearn_label), (defense, label), attack, seed in axes:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise SpecError(f"sweep.seeds must hold integers ≥ 0, got {seed!r}")
+        allowed = only_against.get(attack["attacker"])
+        if allowed is not None and defense["name"] not in allowed:
+            continue
         base = {
             "dataset": dataset,
             "model": {"name": model["name"], "options": dict(model.get("options") or {})},
