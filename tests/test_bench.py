@@ -212,6 +212,30 @@ def test_a_rerun_skips_finished_cells_and_recomputes_a_missing_one_bitwise(local
     assert views(run_dir) == before
 
 
+def test_reuse_copies_matching_records_and_computes_only_the_new_cells(local_run, tmp_path):
+    spec = tiny(**{"sweep.name": "wider", "runtime.reuse": [str(local_run)]})
+    spec = apply_overrides(spec, {"defenses": "none,shield,noise"})
+    run_dir = tmp_path / "wider"
+    summary = run_sweep(spec, run_dir)
+    assert summary.written == 6 and not summary.failed
+    ours = {r["key"]: r for r in iter_records(run_dir)}
+    theirs = {r["key"]: r for r in iter_records(local_run)}
+    shared = set(ours) & set(theirs)
+    assert len(shared) == 4  # none and shield: same settings, same keys
+    for key in shared:
+        assert ours[key]["reused_from"] == str(local_run)
+        assert ours[key]["display"]["sweep"] == "wider"  # this sweep's labels
+        same = {k: v for k, v in deterministic_view(ours[key]).items() if k != "display"}
+        same.pop("reused_from")
+        assert same == {k: v for k, v in deterministic_view(theirs[key]).items() if k != "display"}
+        assert (record_path(run_dir, key).with_suffix(".png")).is_file()
+    new = [r for k, r in ours.items() if k not in shared]
+    assert {r["config"]["defense.name"] for r in new} == {"noise"}
+    assert all("reused_from" not in r for r in new)
+    # θo came from the other folder's cache rather than being trained again
+    assert not any(r["times"]["original_trained_here"] for r in new)
+
+
 def test_kill_9_mid_sweep_loses_only_the_cells_in_flight(tmp_path):
     spec = tiny(**{"attack.batch": 1, "data.forget_samples": 3, "defenses": "none"})
     spec_file = tmp_path / "spec.json"

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import socket
 import sys
 import time
@@ -87,6 +88,10 @@ class Runtime:
             several tasks on one GPU).
         progress: show tqdm bars of training, unlearning and the attack: True, False, or
             None (the spec's "auto": only on a terminal).
+        reuse: other run folders; a finished record or cached θo/θu there whose key a cell
+            needs is copied (the record with this sweep's display labels) instead of being
+            recomputed. Keys hash every setting that changes a result, so what is copied is
+            what this run would compute (bitwise at equal ``threads``).
     """
 
     run_dir: str
@@ -97,6 +102,7 @@ class Runtime:
     threads: int = 1
     gpus_per_task: float = 1.0
     progress: bool | None = False
+    reuse: tuple[str, ...] = ()
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], run_dir: str | Path) -> Runtime:
@@ -114,6 +120,7 @@ class Runtime:
             threads=threads,
             gpus_per_task=float(r["gpus_per_task"]),
             progress=None if r["progress"] == "auto" else bool(r["progress"]),
+            reuse=tuple(str(d) for d in (r.get("reuse") or ())),
         )
 
     def root_of(self, dataset: str) -> str | None:
@@ -229,6 +236,42 @@ def _cache_path(runtime: Runtime, kind: str, key: str) -> Path:
     return Path(runtime.run_dir) / "cache" / kind / f"{key}.safetensors"
 
 
+def _adopt_cached(runtime: Runtime, kind: str, key: str) -> None:
+    """Copy a cached model of ``kind`` and ``key`` from a ``runtime.reuse`` folder, if one
+    has it and this run folder does not (call it under the key's lock)."""
+    path = _cache_path(runtime, kind, key)
+    if path.exists():
+        return
+    for other in runtime.reuse:
+        source = Path(other) / "cache" / kind / f"{key}.safetensors"
+        if source.is_file():
+            with atomic_path(path) as tmp:
+                shutil.copyfile(source, tmp)
+            logger.info("reused cached %s %s from %s", kind, key, other)
+            return
+
+
+def adopt_record(cell: Cell, runtime: Runtime) -> bool:
+    """Copy ``cell``'s finished record (and its PNGs) from a ``runtime.reuse`` folder, with
+    this sweep's display labels; returns whether one was found."""
+    for other in runtime.reuse:
+        record = read_record(other, cell.key)
+        if record is None:
+            continue
+        source = record_path(other, cell.key)
+        target = record_path(runtime.run_dir, cell.key)
+        for suffix in (".png", ".truth.png"):
+            png = source.with_name(f"{cell.key}{suffix}")
+            if png.is_file():
+                with atomic_path(target.with_name(png.name)) as tmp:
+                    shutil.copyfile(png, tmp)
+        record["display"] = dict(cell.display)
+        record["reused_from"] = str(other)
+        atomic_write_json(target, record)  # last: the done marker
+        return True
+    return False
+
+
 def _lock_path(runtime: Runtime, key: str) -> Path:
     return Path(runtime.run_dir) / "cache" / "locks" / f"{key}.lock"
 
@@ -251,6 +294,7 @@ def original_model(
     path = _cache_path(runtime, "original", key)
     trained_here = False
     with file_lock(_lock_path(runtime, key)):
+        _adopt_cached(runtime, "original", key)
         if not path.exists():
             training = config["training"]
             members = subset_indices(len(dataset.train), training["subset"], seed=training["seed"])
@@ -335,6 +379,7 @@ def unlearned_model(
     path = _cache_path(runtime, "unlearned", key)
     device = runtime.torch_device()
     with file_lock(_lock_path(runtime, key)):
+        _adopt_cached(runtime, "unlearned", key)
         if not path.exists():
             settings = config["unlearning"]
             cls = UNLEARNERS.get(settings["method"])
@@ -463,15 +508,19 @@ def run_unit(unit: Unit, runtime: Runtime) -> UnitResult:
     started = time.perf_counter()
     todo = [c for c in unit.cells if not is_done(runtime.run_dir, c.key)]
     skipped = [c.key for c in unit.cells if c not in todo]
+    adopted = [c.key for c in todo if runtime.reuse and adopt_record(c, runtime)]
+    if adopted:
+        logger.info("unit %s: %d record(s) reused from %s", unit.key, len(adopted), runtime.reuse)
+        todo = [c for c in todo if c.key not in adopted]
     if not todo:
-        return UnitResult(unit.key, [], skipped, time.perf_counter() - started)
+        return UnitResult(unit.key, adopted, skipped, time.perf_counter() - started)
     threads = torch.get_num_threads()
     torch.set_num_threads(runtime.threads)
     try:
         written = _run_cells(unit, todo, runtime, started)
     finally:
         torch.set_num_threads(threads)
-    return UnitResult(unit.key, written, skipped, time.perf_counter() - started)
+    return UnitResult(unit.key, adopted + written, skipped, time.perf_counter() - started)
 
 
 @dataclasses.dataclass

@@ -103,6 +103,9 @@ SPEC_DEFAULTS: dict[str, Any] = {
         "gpus_per_task": 1.0,
         # tqdm bars of training, unlearning and attack: true, false, or "auto" (terminal)
         "progress": False,
+        # other run folders: their finished records and cached models with the same keys
+        # are copied instead of recomputed
+        "reuse": [],
     },
 }
 

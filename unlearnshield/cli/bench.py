@@ -61,6 +61,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=None, help="address of a running Ray cluster")
     p.add_argument("--data-root", default=None, help="sets runtime.data_root")
     p.add_argument("--lpips-backbone", default=None, help="sets runtime.lpips_backbone")
+    p.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="copy finished records and cached models with the same keys from this earlier "
+        "run folder instead of recomputing them (repeatable; sets runtime.reuse)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the plan and run nothing")
     p.set_defaults(run=run)
 
@@ -72,6 +80,11 @@ def load_spec(args: argparse.Namespace) -> dict:
         overrides["runtime.data_root"] = str(args.data_root)
     if getattr(args, "lpips_backbone", None) is not None:
         overrides["runtime.lpips_backbone"] = str(args.lpips_backbone)
+    if getattr(args, "reuse", None):
+        missing = [d for d in args.reuse if not Path(d, "cells").is_dir()]
+        if missing:
+            raise UsageError(f"--reuse {missing[0]}: not a run folder (no cells/ inside)")
+        overrides["runtime.reuse"] = [str(d) for d in args.reuse]
     try:
         return apply_overrides(load_preset(args.preset), overrides)
     except SpecError as err:
