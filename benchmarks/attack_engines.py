@@ -7,7 +7,8 @@ step of one reconstruction) and their ratio. It then measures the peak memory of
 ResNet18 reconstruction in a fresh process. The last line is
 ``batched_speedup_convnet16_b8: X`` (loop time / batched time per image-iteration).
 
-    python benchmarks/attack_engines.py [--steps 20] [--resnet-steps 4] [--device cpu]
+    python benchmarks/attack_engines.py [--steps 20] [--resnet-steps 3] [--batches 1,8,32]
+                                        [--models convnet16,resnet18] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -107,23 +108,33 @@ def main() -> None:
     parser.add_argument("--resnet-steps", type=int, default=3, help="timed steps (ResNet18)")
     parser.add_argument("--batches", default="1,8,32", help="batch sizes B")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"models to time, of {', '.join(MODELS)}"
+    )
+    parser.add_argument("--skip-memory", action="store_true", help="skip the peak-memory run")
     args = parser.parse_args()
+    models = args.models.split(",")
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown or "convnet16" not in models:
+        parser.error(f"--models must include convnet16 and name only {', '.join(MODELS)}")
     batches = [int(b) for b in args.batches.split(",")]
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'model':<10} {'B':>3} {'loop ms/img-it':>15} {'batched ms/img-it':>18} {'ratio':>7}")
     speedup = {}
-    for name in MODELS:
+    for name in models:
         steps = args.steps if name == "convnet16" else args.resnet_steps
         for b in batches:
             loop = time_engine(invert_loop, name, b, steps, args.device)
             batched = time_engine(invert_batched, name, b, steps, args.device)
             speedup[(name, b)] = loop / batched
             print(f"{name:<10} {b:>3} {loop:>15.1f} {batched:>18.1f} {loop / batched:>7.2f}")
-    extra, total, gpu = peak_memory(args.device, steps=2)
-    print(
-        f"peak memory of one ResNet18 reconstruction: +{extra:.0f} MiB host during the attack "
-        f"(process peak {total:.0f} MiB)" + (f", {gpu:.0f} MiB GPU" if gpu is not None else "")
-    )
+    if not args.skip_memory:
+        extra, total, gpu = peak_memory(args.device, steps=2)
+        print(
+            f"peak memory of one ResNet18 reconstruction: +{extra:.0f} MiB host during the "
+            f"attack (process peak {total:.0f} MiB)"
+            + (f", {gpu:.0f} MiB GPU" if gpu is not None else "")
+        )
     print(f"batched_speedup_convnet16_b8: {speedup[('convnet16', 8)]:.2f}")
 
 
