@@ -137,7 +137,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in original.parameters())
     delta = torch.cat(
         [
-            (u - o).reshape(-1)
+            (u.detach() - o.detach()).reshape(-1)
             for u, o in zip(unlearned.parameters(), original.parameters(), strict=True)
         ]
     )

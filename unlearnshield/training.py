@@ -8,7 +8,8 @@ Two recipes are registered in :data:`RECIPES`:
 * ``cpu``: a recipe sized for two CPU cores (SGD with Nesterov momentum 0.9, one-cycle
   schedule peaking at lr 0.1, weight decay 5e-4, batch 128, flips only, 4 epochs on a
   15,000-image subset), meant for the ConvNet at width 16 with a stride-2 stem: 66.3% on the
-  CIFAR-10 test split (JPEG copy, seed 0) in 282 s of training on two cores.
+  CIFAR-10 test split (JPEG copy, seed 0) in 141 s of training on two otherwise idle cores
+  (about 210 s on one thread, as one of two bench workers).
 
 Training is deterministic on the CPU for a given seed: the initialisation, the shuffling
 and the augmentation all draw from generators seeded from it.

@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "(architecture, normalisation, dataset and the training indices used), so that "
             "later steps can check that a forget sample was a training member. The 'cpu' "
             "recipe trains the ConvNet (width 16, stride-2 stem) on 15,000 CIFAR-10 images "
-            "for 4 epochs (66% test accuracy) in about five minutes on two cores; "
+            "for 4 epochs (66% test accuracy) in under two and a half minutes on two idle cores; "
             "'reference' is the attack paper's 120-epoch recipe."
         ),
     )
