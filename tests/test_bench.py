@@ -321,6 +321,18 @@ def test_every_preset_plans_and_runs_one_cell_with_tiny_overrides(name, preset_r
     assert ("ssim" in record["metrics"]) == (spec["attack"]["budget"] != "off")
 
 
+def test_defenses_cpu_shares_its_standard_attacker_cells_with_table1_cpu():
+    table1 = {c.key for c in plan_cells(load_preset("table1-cpu"))}
+    evidence = plan_cells(load_preset("defenses-cpu"))
+    shared = [c for c in evidence if c.key in table1]
+    assert len(shared) == len(table1)  # so --reuse runs/table1-cpu skips all of them
+    assert {c.config["attack"]["attacker"] for c in shared} == {"standard"}
+    aware = {
+        c.config["defense"]["name"] for c in evidence if "aware" in c.config["attack"]["attacker"]
+    }
+    assert aware == {"shield"}
+
+
 def test_table1_cpu_has_the_seven_defenses():
     spec = load_preset("table1-cpu")
     names = [d["name"] for d in spec["defenses"]]
