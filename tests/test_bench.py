@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,6 +259,59 @@ def test_kill_9_mid_sweep_loses_only_the_cells_in_flight(tmp_path):
     summary = run_sweep(spec, run_dir)
     assert summary.skipped == len(finished) and summary.written == 3 - len(finished)
     assert len(list(iter_records(run_dir))) == 3
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_pool_workers_exit_when_the_sweep_process_is_killed(tmp_path):
+    spec = tiny(**{"attack.batch": 1, "data.forget_samples": 6, "defenses": "none"})
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    script = (
+        "import json; from unlearnshield.bench import ExecutorOptions, run_sweep; "
+        f"run_sweep(json.load(open({str(spec_file)!r})), {str(tmp_path / 'run')!r}, "
+        "executor='process', options=ExecutorOptions(workers=2, progress=False))"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while len(workers) < 2 and time.monotonic() < deadline:
+        assert parent.poll() is None, "the sweep ended before it could be killed"
+        workers = [c for c in _children(parent.pid) if "spawn_main" in _cmdline(c)]
+        time.sleep(0.1)
+    assert len(workers) == 2
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers), "orphaned pool workers kept running"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def test_the_process_pool_writes_the_same_records(local_run, tmp_path):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import os
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -108,10 +110,35 @@ def run_local(units: Sequence[Unit], runtime: Runtime, options: ExecutorOptions)
     return summary
 
 
-def _worker_init(level: int) -> None:
-    """Logging in a spawned worker: the parent's level, to stderr."""
+ORPHAN_POLL_S = 1.0
+"""How often a pool worker checks that the process that started it is still alive."""
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """End this worker (``os._exit``) once ``parent`` is gone.
+
+    A pool worker holds units the parent submitted ahead; if the parent is killed, the
+    worker would otherwise keep computing them and writing records into a run folder that
+    nobody watches (and that a user may be about to delete or restart into). Exiting loses
+    only the cells in flight, which a rerun recomputes.
+    """
+    while True:
+        time.sleep(ORPHAN_POLL_S)
+        if os.getppid() != parent:
+            logging.getLogger(__name__).warning(
+                "bench worker %d: the parent process %d is gone; exiting", os.getpid(), parent
+            )
+            os._exit(1)
+
+
+def _worker_init(level: int, parent: int) -> None:
+    """Set up a spawned worker: the parent's logging level, to stderr, and a watch that ends
+    the worker when the parent process dies."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s [%(process)d] %(message)s")
     logging.getLogger("unlearnshield").setLevel(level)
+    threading.Thread(
+        target=_exit_when_orphaned, args=(parent,), name="orphan-watch", daemon=True
+    ).start()
 
 
 @EXECUTORS.register("process")
@@ -128,7 +155,7 @@ def run_processes(
             max_workers=options.workers,
             mp_context=context,
             initializer=_worker_init,
-            initargs=(level,),
+            initargs=(level, os.getpid()),
         ) as pool,
         _bar(len(units), options, f"bench ×{options.workers}") as bar,
     ):
