@@ -300,7 +300,8 @@ def load_checkpoint(
     shape = tuple(int(v) for v in (input_shape or (3, 32, 32)))
     if isinstance(arch, nn.Module):
         net, name = arch, f"{type(arch).__module__}:{type(arch).__qualname__}"
-        spec = ModelSpec(name, num_classes or _infer_num_classes(tensors) or 0, shape, {})  # type: ignore[arg-type]
+        classes = num_classes or _infer_num_classes(tensors) or 0
+        spec = ModelSpec(name, classes, shape, {})  # type: ignore[arg-type]
     else:
         classes = num_classes or _infer_num_classes(tensors)
         if classes is None:

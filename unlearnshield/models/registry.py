@@ -108,7 +108,8 @@ def build_model(
     shape = tuple(int(v) for v in input_shape)
     if len(shape) != 3:
         raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
-    spec = ModelSpec(name=name, num_classes=int(num_classes), input_shape=shape, kwargs=kwargs)  # type: ignore[arg-type]
+    c, h, w = shape  # three entries, as checked: the spec's (C, H, W)
+    spec = ModelSpec(name=name, num_classes=int(num_classes), input_shape=(c, h, w), kwargs=kwargs)
     channels = shape[0]
     return ImageClassifier(
         build_backbone(spec),
