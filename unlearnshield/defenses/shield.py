@@ -410,36 +410,36 @@ def shield_perturbation(
         return (delta_sq + cross) / (delta_norm * math.sqrt(released_sq)), own, released_sq
 
     for _ in range(config.iterations):
-        # θu' = θu + δ, in place in the buffer the forward pass reads
         with torch.no_grad():
+            # θu' = θu + δ, in place in the buffer the forward pass reads
             torch.add(base, perturbation, out=release)
-
-        # L_forget (Eq. 7), the only term through autograd
-        with torch.set_grad_enabled(lambda_forget > 0):
-            logits = forward_with(model, layout, leaves, forget_x)
-            l_forget = output_distance(reference_logits, logits).mean()
-
-        with torch.no_grad():
-            # L_privacy (Eq. 3) and L_acc (Eq. 5); their gradient is c₁·Δ + c₂·δ
-            # (the scalars in float64 on the host)
+            # L_privacy (Eq. 3) and L_acc (Eq. 5); their gradient is c₁·Δ + c₂·δ (the scalars
+            # in float64 on the host). Done before the forward pass, so that no pass over P
+            # entries runs between the forward and the backward pass and evicts from the cache
+            # the weights and activations the backward pass reads again.
             cos, own, released_sq = cosine_terms()
             l_privacy, slope = objective.value(cos), objective.slope(cos)
             a = 1 / (delta_norm * math.sqrt(released_sq))
             b = cos / released_sq
-            l_acc, l_forget_value = acc_scale * own, float(l_forget)
-            total = l_privacy + lambda_acc * l_acc + lambda_forget * l_forget_value
-            curve.append([l_privacy, l_acc, l_forget_value, total, cos])
+            l_acc = acc_scale * own
             c1, c2 = slope * (a - b), 2 * lambda_acc * acc_scale - slope * b
             torch.mul(delta, c1, out=gradient)
 
-        # + λ2·∇L_forget, accumulated in place through the leaves' .grad (views of the
-        # gradient buffer); c₂·δ enters as Adam's L2 term
+        # L_forget (Eq. 7), the only term through autograd; λ2·∇L_forget is accumulated in
+        # place onto c₁·Δ through the leaves' .grad (views of the gradient buffer), and c₂·δ
+        # enters as Adam's L2 term
+        with torch.set_grad_enabled(lambda_forget > 0):
+            logits = forward_with(model, layout, leaves, forget_x)
+            l_forget = output_distance(reference_logits, logits).mean()
         if lambda_forget > 0:
             for leaf, grad in zip(leaves, grads, strict=True):
                 leaf.grad = grad
             (lambda_forget * l_forget).backward()
             for leaf in leaves:
                 leaf.grad = None
+        l_forget_value = float(l_forget.detach())
+        total = l_privacy + lambda_acc * l_acc + lambda_forget * l_forget_value
+        curve.append([l_privacy, l_acc, l_forget_value, total, cos])
         optimizer.step(grads, weight_decay=c2)
 
     with torch.no_grad():
