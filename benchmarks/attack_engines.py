@@ -1,20 +1,26 @@
 """Speed of the two attack engines, measured side by side in one run.
 
 For the ConvNet (width 16, stride-2 stem, the CPU setting) and the CIFAR ResNet18 at 32×32,
-and batch sizes B = 1, 8, 32, it times the per-image loop and the ``torch.func`` batched
-engine on the same targets and reports milliseconds per image-iteration (one optimisation
-step of one reconstruction) and their ratio. It then measures the peak memory of one
-ResNet18 reconstruction in a fresh process. The last line is
-``batched_speedup_convnet16_b8: X`` (loop time / batched time per image-iteration).
+and batch sizes B = 1, 8, 32, it times the per-image loop and the batched engine with both
+of its per-sample gradient methods (``vmap``: ``torch.func``; ``layers``: layer-wise, the
+default where it applies) on the same targets, and reports milliseconds per image-iteration
+(one optimisation step of one reconstruction) and the ratios to the loop. On the ConvNet the
+three are timed in turn ``--rounds`` times and the medians kept, so that a change of machine
+load hits all three. It then measures the peak memory of one ResNet18 reconstruction in a
+fresh process, for each method. The last line is ``batched_speedup_convnet16_b8: X`` (loop
+time / time of the batched engine as it runs by default, per image-iteration).
 
     python benchmarks/attack_engines.py [--steps 20] [--resnet-steps 3] [--batches 1,8,32]
-                                        [--models convnet16,resnet18] [--skip-memory]
+                                        [--rounds 3] [--models convnet16,resnet18]
+                                        [--skip-memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing as mp
+import statistics
 import time
 
 import torch
@@ -68,7 +74,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _peak_memory_child(queue, device: str, steps: int) -> None:
+def _peak_memory_child(queue, device: str, steps: int, per_sample: str) -> None:
     model, targets, labels, init = make_problem("resnet18", 1, device)
     # A forked child inherits its parent's high-water mark: reset it (Linux), then measure.
     with open("/proc/self/clear_refs", "w") as fh:
@@ -85,17 +91,18 @@ def _peak_memory_child(queue, device: str, steps: int) -> None:
         config=AttackConfig(iterations=steps, log_every=0),
         similarity_cost=lambda c: 1 - c,
         progress=False,
+        per_sample=per_sample,
     )
     after = _status_kib("VmHWM")
     gpu = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.startswith("cuda") else None
     queue.put(((after - before) / 1024, after / 1024, gpu))
 
 
-def peak_memory(device: str, steps: int) -> tuple[float, float, float | None]:
+def peak_memory(device: str, steps: int, per_sample: str) -> tuple[float, float, float | None]:
     """(extra host MiB during the attack, peak host MiB of the process, GPU MiB or None)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_memory_child, args=(queue, device, steps))
+    proc = ctx.Process(target=_peak_memory_child, args=(queue, device, steps, per_sample))
     proc.start()
     result = queue.get()
     proc.join()
@@ -107,6 +114,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (ConvNet)")
     parser.add_argument("--resnet-steps", type=int, default=3, help="timed steps (ResNet18)")
     parser.add_argument("--batches", default="1,8,32", help="batch sizes B")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="timings of each engine on the ConvNet"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--models", default=",".join(MODELS), help=f"models to time, of {', '.join(MODELS)}"
@@ -119,22 +129,40 @@ def main() -> None:
         parser.error(f"--models must include convnet16 and name only {', '.join(MODELS)}")
     batches = [int(b) for b in args.batches.split(",")]
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'model':<10} {'B':>3} {'loop ms/img-it':>15} {'batched ms/img-it':>18} {'ratio':>7}")
+    engines = {
+        "loop": invert_loop,
+        "vmap": functools.partial(invert_batched, per_sample="vmap"),
+        "layers": functools.partial(invert_batched, per_sample="layers"),
+    }
+    print("ms per image-iteration (median of the rounds); ratio = loop / batched")
+    print(
+        f"{'model':<10} {'B':>3} {'loop':>8} {'vmap':>8} {'layers':>8} "
+        f"{'loop/vmap':>10} {'loop/layers':>12}"
+    )
     speedup = {}
     for name in models:
         steps = args.steps if name == "convnet16" else args.resnet_steps
+        rounds = args.rounds if name == "convnet16" else 1
         for b in batches:
-            loop = time_engine(invert_loop, name, b, steps, args.device)
-            batched = time_engine(invert_batched, name, b, steps, args.device)
-            speedup[(name, b)] = loop / batched
-            print(f"{name:<10} {b:>3} {loop:>15.1f} {batched:>18.1f} {loop / batched:>7.2f}")
+            times: dict[str, list[float]] = {e: [] for e in engines}
+            for _ in range(rounds):
+                for engine, fn in engines.items():
+                    times[engine].append(time_engine(fn, name, b, steps, args.device))
+            ms = {e: statistics.median(t) for e, t in times.items()}
+            speedup[(name, b)] = ms["loop"] / ms["layers"]
+            print(
+                f"{name:<10} {b:>3} {ms['loop']:>8.1f} {ms['vmap']:>8.1f} {ms['layers']:>8.1f} "
+                f"{ms['loop'] / ms['vmap']:>10.2f} {ms['loop'] / ms['layers']:>12.2f}",
+                flush=True,
+            )
     if not args.skip_memory:
-        extra, total, gpu = peak_memory(args.device, steps=2)
-        print(
-            f"peak memory of one ResNet18 reconstruction: +{extra:.0f} MiB host during the "
-            f"attack (process peak {total:.0f} MiB)"
-            + (f", {gpu:.0f} MiB GPU" if gpu is not None else "")
-        )
+        for per_sample in ("vmap", "layers"):
+            extra, total, gpu = peak_memory(args.device, steps=2, per_sample=per_sample)
+            print(
+                f"peak memory of one ResNet18 reconstruction ({per_sample}): +{extra:.0f} MiB "
+                f"host during the attack (process peak {total:.0f} MiB)"
+                + (f", {gpu:.0f} MiB GPU" if gpu is not None else "")
+            )
     print(f"batched_speedup_convnet16_b8: {speedup[('convnet16', 8)]:.2f}")
 
 

@@ -5,7 +5,14 @@ import copy
 import pytest
 import torch
 
-from unlearnshield.attacks import ATTACKERS, AttackConfig, AttackError, infer_labels, reconstruct
+from unlearnshield.attacks import (
+    ATTACKERS,
+    AttackConfig,
+    AttackError,
+    DefenseAwareAttacker,
+    infer_labels,
+    reconstruct,
+)
 from unlearnshield.attacks.engines import invert_batched
 from unlearnshield.diff import flat_difference
 from unlearnshield.metrics import ssim
@@ -28,20 +35,100 @@ def setup():
     return model, x, y, releases
 
 
-def test_loop_and_batched_engines_give_the_same_images(setup):
+@pytest.mark.parametrize("attacker", ["standard", "defense-aware pruning"])
+@pytest.mark.parametrize("per_sample", ["layers", "vmap"])
+def test_loop_and_batched_engines_give_the_same_images(setup, per_sample, attacker):
     model, _, y, releases = setup
     model64 = copy.deepcopy(model).double()
     rel64 = [copy.deepcopy(r).double() for r in releases]
     config = AttackConfig(iterations=6, restarts=2, tv_weight=0.1, log_every=0)
-    kwargs = dict(input_shape=(3, 32, 32), labels=y[:, None], budget=config, progress=False)
+    # the defense-aware attacker adds its (deterministic) pruning offset, refreshed every 4
+    # steps, to the dummy gradient: the offset path of both engines
+    chosen = (
+        DefenseAwareAttacker("pruning", refresh_every=4) if attacker != "standard" else attacker
+    )
+    kwargs = dict(
+        input_shape=(3, 32, 32),
+        labels=y[:, None],
+        budget=config,
+        progress=False,
+        attacker=chosen,
+    )
     loop = reconstruct(model64, rel64, engine="loop", **kwargs)
-    batched = reconstruct(model64, rel64, engine="batched", **kwargs)
+    batched = reconstruct(model64, rel64, engine="batched", per_sample=per_sample, **kwargs)
     assert loop.images.dtype == torch.float64
+    assert batched.per_sample == per_sample
     torch.testing.assert_close(loop.images, batched.images, rtol=0, atol=1e-10)
     torch.testing.assert_close(loop.restart_costs, batched.restart_costs, rtol=0, atol=1e-10)
     # the optimisation moved the images: they are not the clamped initialisation any more
     init = torch.randn((6, 1, 3, 32, 32), generator=torch.Generator().manual_seed(0)).double()
     assert (loop.images - init.clamp(0, 1)[::2]).abs().max() > 0.05
+
+
+def _per_sample_reference(model, x, y):
+    params = list(model.parameters())
+    rows = []
+    for n in range(len(x)):
+        loss = torch.nn.functional.cross_entropy(model(x[n : n + 1]), y[n : n + 1])
+        rows.append(torch.autograd.grad(loss, params, create_graph=True))
+    return [torch.stack(g) for g in zip(*rows, strict=True)]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "convnet"])
+def test_layerwise_per_sample_gradients_match_autograd_to_second_order(arch):
+    # ResNet18: in-place ReLUs and residual additions after the recorded layers, 1x1 and
+    # strided convolutions without bias; ConvNet: biases, max-pools. Both in float64.
+    from unlearnshield.attacks.per_sample import LayerwiseGradients
+    from unlearnshield.models import build_model
+
+    torch.manual_seed(0)
+    kwargs = {"width": 4, "stem_stride": 2} if arch == "convnet" else {}
+    model = build_model(arch, 10, **kwargs).double().eval()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, 4, 7])
+    grads = LayerwiseGradients(model)(x, y)
+    reference = _per_sample_reference(model, x, y)
+    for g, r in zip(grads, reference, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    # the gradient of a function of the per-sample gradients with respect to the inputs
+    t = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+
+    def score(gs):
+        return (torch.cat([g.reshape(3, -1) for g in gs], 1) @ t).pow(2).sum()
+
+    (mine,) = torch.autograd.grad(score(grads), x)
+    (theirs,) = torch.autograd.grad(score(reference), x)
+    assert mine.abs().max() > 0
+    torch.testing.assert_close(mine, theirs, rtol=1e-8, atol=1e-10)
+
+
+def test_layerwise_per_sample_gradients_refuse_what_they_cannot_compute():
+    from unlearnshield.attacks.per_sample import LayerwiseGradients, unsupported_reason
+
+    norm = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
+    assert "GroupNorm" in unsupported_reason(norm)
+    bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    assert "batch statistics" in unsupported_reason(bn)
+    layer = torch.nn.Linear(4, 4)
+    twice = torch.nn.Sequential(layer, torch.nn.ReLU(), layer)
+    assert unsupported_reason(twice) is None  # shared modules are one module...
+    with pytest.raises(ValueError, match="runs twice"):  # ...found out when it runs
+        LayerwiseGradients(twice)(torch.randn(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="does not apply"):
+        invert_batched(
+            norm.eval(),
+            torch.ones(1, sum(p.numel() for p in norm.parameters())),
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.rand(1, 1, 3, 8, 8),
+            config=AttackConfig(iterations=1, log_every=0),
+            similarity_cost=lambda c: 1 - c,
+            per_sample="layers",
+        )
 
 
 def test_identical_models_fail_with_a_clear_error(setup):

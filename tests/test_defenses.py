@@ -611,7 +611,7 @@ def test_defense_aware_offset_makes_the_dummy_gradient_the_defended_one(setup):
     offset, refresh = attacker.offset(model, target, seed=0)
     assert refresh == 7
     gradient = torch.randn(1, target.shape[1], generator=torch.Generator().manual_seed(1))
-    shifted = gradient + offset(0, gradient, x[None])
+    shifted = gradient + offset(0, gradient, x[None], torch.tensor([0]))
     # pruning is scale-invariant: g + δ_sim/s is g pruned tensor by tensor
     layout = ParameterLayout.of(model)
     for name, g in layout.as_dict(gradient[0]).items():
@@ -631,7 +631,8 @@ def test_defense_aware_shield_reproduces_the_defense_with_its_own_randomness(set
     attacker = DefenseAwareAttacker("shield", difference_scale=1.0)
     offset_a, _ = attacker.offset(model, target, seed=0)
     offset_b, _ = attacker.offset(model, target, seed=0)
-    a, b = offset_a(0, delta[None], x[None]), offset_b(0, delta[None], x[None])
+    row = torch.tensor([0])
+    a, b = offset_a(0, delta[None], x[None], row), offset_b(0, delta[None], x[None], row)
     assert torch.equal(a, b)  # seeded by the attack seed
     defender = flat(released) - flat(unlearned)
     assert not torch.allclose(a[0], defender)  # not the defender's draw, though both seeds are 0
@@ -640,7 +641,7 @@ def test_defense_aware_shield_reproduces_the_defense_with_its_own_randomness(set
     assert simulated_cos == pytest.approx(report["cosine"], abs=0.2)
     # by default the simulated difference takes the released difference's norm
     default = DefenseAwareAttacker("pruning").offset(model, target, seed=0)[0]
-    pruned = delta[None] * 1e3 + default(0, delta[None] * 1e3, x[None])
+    pruned = delta[None] * 1e3 + default(0, delta[None] * 1e3, x[None], row)
     assert float(pruned.norm()) < float(delta.norm()) * 1e3
 
 

@@ -109,13 +109,16 @@ class DefenseAwareAttacker(StandardAttacker):
         target_norms = torch.linalg.vector_norm(targets, dim=1, keepdim=True)
         defense, fixed = self.defense, self.difference_scale
 
-        def simulate(step: int, gradients: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        def simulate(
+            step: int, gradients: torch.Tensor, images: torch.Tensor, rows: torch.Tensor
+        ) -> torch.Tensor:
             with torch.no_grad():
+                wanted = target_norms[rows]  # the released norms of these reconstructions
                 if fixed is not None:
-                    scale = torch.full_like(target_norms, fixed)
+                    scale = torch.full_like(wanted, fixed)
                 else:
                     norms = torch.linalg.vector_norm(gradients, dim=1, keepdim=True)
-                    scale = torch.where(norms > 0, target_norms / norms.clamp_min(1e-30), 1.0)
+                    scale = torch.where(norms > 0, wanted / norms.clamp_min(1e-30), 1.0)
                 simulated = gradients * scale
             defended = defense.simulate(model, simulated, images, None, generator)
             with torch.no_grad():

@@ -11,12 +11,16 @@ single vector. Each step clamps ``x`` to [0, 1], replaces the image gradient by 
 
 * :func:`invert_loop` is the reference: one reconstruction after another, with
   ``torch.autograd.grad(..., create_graph=True)``.
-* :func:`invert_batched` runs all reconstructions in one call with ``torch.func``
-  (``functional_call``, ``grad``, ``vmap``): on a CPU it amortises the per-operation
-  overhead of small models over the batch; on a GPU it fills the device.
+* :func:`invert_batched` runs all reconstructions in one call: on a CPU it amortises the
+  per-operation overhead of small models over the batch; on a GPU it fills the device. Its
+  per-sample gradients come either from ``torch.func`` (``functional_call``, ``grad``,
+  ``vmap``; any model) or, for models made of Conv2d, Linear and eval-mode BatchNorm layers,
+  from each layer's input and output gradient in one ordinary batched backward pass
+  (:mod:`~unlearnshield.attacks.per_sample`), which is faster on the CPU; ``per_sample``
+  chooses, and by default the layer-wise way runs wherever it applies.
 
-They give the same images (a test checks this in float64), so which one runs is a question
-of speed only.
+They give the same images (a test checks all three in float64), so which one runs is a
+question of speed only.
 """
 
 from __future__ import annotations
@@ -34,15 +38,18 @@ from tqdm.auto import tqdm
 
 from unlearnshield._registry import Registry
 from unlearnshield.attacks.config import AttackConfig
+from unlearnshield.attacks.per_sample import LayerwiseGradients, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
 SimilarityCost = Callable[[torch.Tensor], torch.Tensor]
 """Maps the cosine (any shape) to the attacker's matching cost, e.g. ``1 - cos``."""
 
-OffsetFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``offset(step, gradients (B, P), images (B, k, C, H, W)) -> (B, P)``, added to the dummy
-gradient before the cosine and treated as a constant (no gradient flows through it)."""
+OffsetFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``offset(step, gradients (n, P), images (n, k, C, H, W), rows (n,)) -> (n, P)``, added to
+the dummy gradient before the cosine and treated as a constant (no gradient flows through
+it); ``rows`` are the indices of those reconstructions among the ``B`` targets (all of them
+in the batched engine, one at a time in the loop)."""
 
 _EPS = 1e-12
 
@@ -58,6 +65,8 @@ class InversionResult:
         cost: the attacker's similarity cost of the final images (no TV), ``(B,)``.
         trace: one dict per logged step (step, mean cost, mean cosine, seconds).
         seconds: wall time.
+        per_sample: how per-sample gradients were computed: ``"loop"`` (one reconstruction
+            at a time), ``"layers"`` or ``"vmap"`` (see :data:`PER_SAMPLE_METHODS`).
     """
 
     images: torch.Tensor
@@ -65,6 +74,7 @@ class InversionResult:
     cost: torch.Tensor
     trace: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    per_sample: str = "loop"
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +190,7 @@ def invert_loop(
     was_training = model.training
     model.eval()
     n_rec = targets.shape[0]
+    rows = torch.arange(n_rec, device=targets.device)
     schedule = _Schedule(config, n_rec * config.iterations, progress, "uia (loop)")
     images, cosines = [], []
     for b in range(n_rec):
@@ -195,7 +206,7 @@ def invert_loop(
             g = torch.autograd.grad(loss, params, create_graph=True)
             flat = torch.cat([t.reshape(-1) for t in g])
             if offset is not None and step % refresh_every == 0:
-                off = offset(step, flat.detach()[None], x.detach()[None])[0]
+                off = offset(step, flat.detach()[None], x.detach()[None], rows[b : b + 1])[0]
             cost, cos = _objective_terms(
                 flat, targets[b], off, x, similarity_cost, config.tv_at(step)
             )
@@ -210,7 +221,7 @@ def invert_loop(
         g = torch.autograd.grad(loss, params)
         flat = torch.cat([t.reshape(-1) for t in g])
         if offset is not None:
-            off = offset(config.iterations, flat[None], final[None])[0]
+            off = offset(config.iterations, flat[None], final[None], rows[b : b + 1])[0]
         _, cos = _objective_terms(flat, targets[b], off, final, similarity_cost, 0.0)
         images.append(final)
         cosines.append(cos.detach())
@@ -220,6 +231,13 @@ def invert_loop(
     return InversionResult(
         torch.stack(images), cosine, similarity_cost(cosine), schedule.trace, seconds
     )
+
+
+PER_SAMPLE_METHODS = ("auto", "layers", "vmap")
+"""How the batched engine computes per-sample gradients: ``"layers"`` from each layer's input
+and output gradient (:mod:`unlearnshield.attacks.per_sample`; Conv2d, Linear and eval-mode
+BatchNorm models), ``"vmap"`` with ``torch.func`` (any model), ``"auto"`` the first where the
+model qualifies."""
 
 
 def invert_batched(
@@ -234,23 +252,92 @@ def invert_batched(
     refresh_every: int = 1,
     progress: bool | None = None,
     chunk_size: int | None = None,
+    per_sample: str = "auto",
 ) -> InversionResult:
-    """All ``B`` reconstructions at once with ``torch.func`` (same arguments as the loop).
+    """All ``B`` reconstructions at once (same arguments as the loop).
 
     Args:
         chunk_size: ``vmap`` chunk size, to bound memory on large models (``None`` = all
-            reconstructions in one chunk).
+            reconstructions in one chunk); applies to ``per_sample="vmap"``.
+        per_sample: how per-sample gradients are computed, one of
+            :data:`PER_SAMPLE_METHODS`; default ``"auto"``.
+
+    Raises:
+        ValueError: ``per_sample="layers"`` for a model it does not apply to, or an unknown
+            ``per_sample``.
 
     Notes:
         One AdamW over the stacked images ``(B, k, C, H, W)`` is exactly ``B`` independent
-        AdamW optimisers: Adam and its decoupled weight decay act element-wise.
+        AdamW optimisers: Adam and its decoupled weight decay act element-wise; and the cost
+        of reconstruction ``b`` depends on its own images only, so the gradient of the summed
+        cost is each reconstruction's own.
     """
+    if per_sample not in PER_SAMPLE_METHODS:
+        raise ValueError(f"per_sample must be one of {PER_SAMPLE_METHODS}, got {per_sample!r}")
+    _check_inputs(targets, labels, init, sum(p.numel() for p in model.parameters()))
+    was_training = model.training
+    model.eval()
+    reason = unsupported_reason(model) if per_sample != "vmap" else "vmap was asked for"
+    if per_sample == "layers" and reason is not None:
+        raise ValueError(f"per_sample='layers' does not apply to this model: {reason}")
+    method = "layers" if reason is None else "vmap"
+    if per_sample == "auto" and reason is not None:
+        logger.info("per-sample gradients by vmap: layer-wise does not apply (%s)", reason)
+    build = _layerwise_functions if method == "layers" else _vmap_functions
+    step_fn, grads_fn = build(model, targets, similarity_cost, chunk_size)
+    rows = torch.arange(targets.shape[0], device=targets.device)
+    x = init.clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([x], lr=config.lr, weight_decay=config.weight_decay)
+    schedule = _Schedule(config, config.iterations, progress, f"uia (batched B={len(x)})")
+    off = torch.zeros_like(targets) if method == "vmap" else None
+    for step in range(config.iterations):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr_at(step)
+        with torch.no_grad():
+            x.clamp_(0, 1)
+        if offset is not None and step % refresh_every == 0:
+            off = offset(step, grads_fn(x.detach(), labels), x.detach(), rows)
+        tv = torch.tensor(config.tv_at(step), dtype=x.dtype)
+        gx, cost, cos = step_fn(x.detach(), labels, off, tv)
+        x.grad = gx.sign() if config.signed else gx
+        optimizer.step()
+        schedule.bar.update(1)
+        schedule.record(step, cost, cos)
+
+    final = x.detach().clamp(0, 1)
+    flat = grads_fn(final, labels)
+    if offset is not None:
+        off = offset(config.iterations, flat, final, rows)
+    g = flat if off is None else flat + off
+    cosine = (g * targets).sum(1) / (g.norm(dim=1) * targets.norm(dim=1) + _EPS)
+    seconds = schedule.close()
+    model.train(was_training)
+    return InversionResult(
+        final, cosine, similarity_cost(cosine), schedule.trace, seconds, per_sample=method
+    )
+
+
+StepFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+]
+"""``step(x (B, k, C, H, W), labels (B, k), offset (B, P) or None, tv) -> (∂cost/∂x,
+cost (B,), cos (B,))``, no graph kept."""
+
+GradsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``grads(x, labels) -> (B, P)``: each reconstruction's flat dummy gradient, no graph."""
+
+
+def _vmap_functions(
+    model: nn.Module,
+    targets: torch.Tensor,
+    similarity_cost: SimilarityCost,
+    chunk_size: int | None,
+) -> tuple[StepFn, GradsFn]:
+    """The batched step with ``torch.func``: ``vmap`` over ``grad`` of ``functional_call``."""
     names = [n for n, _ in model.named_parameters()]
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-    _check_inputs(targets, labels, init, sum(p.numel() for p in params.values()))
-    was_training = model.training
-    model.eval()
 
     def loss_fn(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(functional_call(model, (p, buffers), (x,)), y)
@@ -267,41 +354,78 @@ def invert_batched(
         cost, cos = _objective_terms(flat_grad(x, y), t, off, x, similarity_cost, tv)
         return cost, (cost, cos)
 
-    step_fn = vmap(
+    batched = vmap(
         grad_and_value(objective, has_aux=True),
         in_dims=(0, 0, 0, 0, None),
         chunk_size=chunk_size,
     )
-    grads_fn = vmap(flat_grad, chunk_size=chunk_size)
-    zeros = torch.zeros_like(targets)
 
-    x = init.clone().requires_grad_(True)
-    optimizer = torch.optim.AdamW([x], lr=config.lr, weight_decay=config.weight_decay)
-    schedule = _Schedule(config, config.iterations, progress, f"uia (batched B={len(x)})")
-    off = zeros
-    for step in range(config.iterations):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(step)
-        with torch.no_grad():
-            x.clamp_(0, 1)
-        if offset is not None and step % refresh_every == 0:
-            off = offset(step, grads_fn(x.detach(), labels), x.detach())
-        tv = torch.tensor(config.tv_at(step), dtype=x.dtype)
-        gx, (_, (cost, cos)) = step_fn(x.detach(), labels, targets, off, tv)
-        x.grad = gx.sign() if config.signed else gx
-        optimizer.step()
-        schedule.bar.update(1)
-        schedule.record(step, cost, cos)
+    def step(x: torch.Tensor, y: torch.Tensor, off: torch.Tensor, tv: torch.Tensor):
+        gx, (_, (cost, cos)) = batched(x, y, targets, off, tv)
+        return gx, cost, cos
 
-    final = x.detach().clamp(0, 1)
-    flat = grads_fn(final, labels)
-    if offset is not None:
-        off = offset(config.iterations, flat, final)
-    g = flat + off
-    cosine = (g * targets).sum(1) / (g.norm(dim=1) * targets.norm(dim=1) + _EPS)
-    seconds = schedule.close()
-    model.train(was_training)
-    return InversionResult(final, cosine, similarity_cost(cosine), schedule.trace, seconds)
+    return step, vmap(flat_grad, chunk_size=chunk_size)
+
+
+def _layerwise_functions(
+    model: nn.Module,
+    targets: torch.Tensor,
+    similarity_cost: SimilarityCost,
+    chunk_size: int | None,
+) -> tuple[StepFn, GradsFn]:
+    """The batched step with layer-wise per-sample gradients and one double backward pass.
+
+    The cosine is summed layer by layer against per-layer views of the targets, so no
+    ``(B, P)`` gradient is concatenated inside the graph.
+    """
+    del chunk_size  # the batch runs as one
+    per_image = LayerwiseGradients(model)
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    b = targets.shape[0]
+    target_views = [t[:, :, None] for t in targets.split(sizes, 1)]  # (B, n, 1) each
+    target_norms = targets.norm(dim=1)
+
+    def per_row(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        # each reconstruction's loss is the mean CE over its k images
+        k = y.shape[1]
+        grads = per_image(x.flatten(0, 1), y.flatten())
+        return grads if k == 1 else [g.view(b, k, *g.shape[1:]).mean(1) for g in grads]
+
+    def grads_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)  # the hooks' backward needs a graph
+            grads = per_row(x, y)
+        return torch.cat([g.detach().reshape(b, -1) for g in grads], 1)
+
+    def step(x: torch.Tensor, y: torch.Tensor, off: torch.Tensor | None, tv: torch.Tensor):
+        x = x.requires_grad_(True)
+        with torch.enable_grad():
+            grads = per_row(x, y)
+            offsets = (
+                [None] * len(grads)
+                if off is None
+                else [o.view(b, *s) for o, s in zip(off.split(sizes, 1), shapes, strict=True)]
+            )
+            dot = norm_sq = 0
+            for g, o, t in zip(grads, offsets, target_views, strict=True):
+                g = (g if o is None else g + o).reshape(b, 1, -1)
+                # batched dot products as (B, 1, n) @ (B, n, 1): no (B, n) temporary
+                dot = dot + torch.bmm(g, t).view(b)
+                norm_sq = norm_sq + torch.bmm(g, g.transpose(1, 2)).view(b)
+            cos = dot / (norm_sq.sqrt() * target_norms + _EPS)
+            cost = similarity_cost(cos) + tv * _per_row_tv(x)
+            (gx,) = torch.autograd.grad(cost.sum(), [x])
+        return gx, cost.detach(), cos.detach()
+
+    return step, grads_fn
+
+
+def _per_row_tv(x: torch.Tensor) -> torch.Tensor:
+    """:func:`total_variation` of each reconstruction ``x[b]`` of ``(B, k, C, H, W)``."""
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
+    return dx + dy
 
 
 ENGINES: Registry[Callable[..., InversionResult]] = Registry("attack engine")

@@ -100,6 +100,8 @@ class Reconstruction:
         config: the optimisation settings.
         attacker: the attacker's settings.
         engine: which engine ran.
+        per_sample: how its per-sample gradients were computed (``"loop"``, ``"layers"`` or
+            ``"vmap"``).
         seconds: wall time of the optimisation.
         trace: the logged steps of the run.
     """
@@ -115,12 +117,14 @@ class Reconstruction:
     engine: str
     seconds: float
     trace: list[dict[str, float]] = field(default_factory=list)
+    per_sample: str = "loop"
 
     def summary(self) -> dict[str, Any]:
         """A JSON-serialisable record of the run (no images)."""
         return {
             **self.attacker,
             "engine": self.engine,
+            "per_sample": self.per_sample,
             "labels": self.labels.tolist(),
             "labels_inferred": self.labels_inferred,
             "cosine": self.cosine.tolist(),
@@ -178,6 +182,7 @@ def reconstruct(
     seed: int = 0,
     progress: bool | None = None,
     chunk_size: int | None = None,
+    per_sample: str = "auto",
 ) -> Reconstruction:
     """Reconstruct the forgotten images of one or several released models.
 
@@ -199,6 +204,9 @@ def reconstruct(
         seed: seeds the random initialisation (and any defense simulation).
         progress: tqdm bar; ``None`` shows it only on a terminal.
         chunk_size: ``vmap`` chunk size for the batched engine.
+        per_sample: the batched engine's per-sample gradients, ``"auto"`` (default),
+            ``"layers"`` or ``"vmap"`` (see
+            :data:`~unlearnshield.attacks.engines.PER_SAMPLE_METHODS`).
 
     Returns:
         A :class:`Reconstruction`.
@@ -265,7 +273,9 @@ def reconstruct(
     rows_target = target.repeat_interleave(r, dim=0)
     rows_labels = label_rows.to(device).repeat_interleave(r, dim=0)
     offset, refresh = attacker.offset(model, rows_target, seed=seed)
-    kwargs: dict[str, Any] = {"chunk_size": chunk_size} if engine == "batched" else {}
+    kwargs: dict[str, Any] = (
+        {"chunk_size": chunk_size, "per_sample": per_sample} if engine == "batched" else {}
+    )
     result: InversionResult = run(
         model,
         rows_target,
@@ -294,4 +304,5 @@ def reconstruct(
         engine=engine,
         seconds=result.seconds,
         trace=result.trace,
+        per_sample=result.per_sample,
     )
