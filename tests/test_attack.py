@@ -41,9 +41,11 @@ def test_loop_and_batched_engines_give_the_same_images(setup, per_sample, attack
     model, _, y, releases = setup
     model64 = copy.deepcopy(model).double()
     rel64 = [copy.deepcopy(r).double() for r in releases]
-    config = AttackConfig(iterations=6, restarts=2, tv_weight=0.1, log_every=0)
     # the defense-aware attacker adds its (deterministic) pruning offset, refreshed every 4
-    # steps, to the dummy gradient: the offset path of both engines
+    # steps, to the dummy gradient: the offset path of both engines; it also averages the
+    # last half of the iterates
+    tail = 0.5 if attacker != "standard" else 0.0
+    config = AttackConfig(iterations=6, restarts=2, tv_weight=0.1, log_every=0, average_tail=tail)
     chosen = (
         DefenseAwareAttacker("pruning", refresh_every=4) if attacker != "standard" else attacker
     )
@@ -63,6 +65,26 @@ def test_loop_and_batched_engines_give_the_same_images(setup, per_sample, attack
     # the optimisation moved the images: they are not the clamped initialisation any more
     init = torch.randn((6, 1, 3, 32, 32), generator=torch.Generator().manual_seed(0)).double()
     assert (loop.images - init.clamp(0, 1)[::2]).abs().max() > 0.05
+
+
+def test_average_tail_returns_the_mean_of_the_last_iterates(setup):
+    model, _, y, releases = setup
+    kwargs = dict(input_shape=(3, 32, 32), labels=y[:1, None], progress=False)
+    config = AttackConfig(iterations=8, restarts=1, tv_weight=0.1, log_every=0)
+    assert config.average_from == 7 and config.replace(average_tail=0.25).average_from == 6
+    with pytest.raises(ValueError, match="average_tail"):
+        config.replace(average_tail=1.0)
+    # the mean of the iterates after steps 6 and 7 is the mean of a 7-step and an 8-step run
+    # (with a constant lr, so that both runs take the same first 7 steps)
+    schedule = config.replace(lr_decay_factor=1.0)
+    runs = [
+        reconstruct(model, releases[0], budget=schedule.replace(iterations=n), **kwargs).images
+        for n in (7, 8)
+    ]
+    averaged = reconstruct(
+        model, releases[0], budget=schedule.replace(average_tail=0.25), **kwargs
+    ).images
+    torch.testing.assert_close(averaged, (runs[0] + runs[1]) / 2)
 
 
 def _per_sample_reference(model, x, y):

@@ -35,6 +35,10 @@ class AttackConfig:
         tv_final: when set, the TV weight decays geometrically from ``tv_weight`` at the
             first step to ``tv_final`` at the last (a strong prior early against noise, a
             weak one late for sharpness); ``None`` keeps it constant (the reference).
+        average_tail: return the mean of the (clamped) iterates of this final fraction of
+            the steps instead of the last iterate; 0 (the reference) returns the last. Signed
+            steps leave each pixel oscillating by about the final lr; averaging the tail
+            removes that speckle the way Polyak averaging does.
         log_every: log one fixed-format line every this many steps (0 = never).
     """
 
@@ -49,6 +53,7 @@ class AttackConfig:
     init_std: float = 1.0
     init_mean: float = 0.0
     tv_final: float | None = None
+    average_tail: float = 0.0
     log_every: int = 500
 
     def __post_init__(self) -> None:
@@ -64,6 +69,8 @@ class AttackConfig:
             raise ValueError(f"lr_decay_at must be fractions in (0, 1), got {self.lr_decay_at}")
         if self.init_std <= 0:
             raise ValueError(f"init_std must be positive, got {self.init_std}")
+        if not 0 <= self.average_tail < 1:
+            raise ValueError(f"average_tail must lie in [0, 1), got {self.average_tail}")
         if self.tv_final is not None and (self.tv_final <= 0 or self.tv_weight <= 0):
             raise ValueError("a TV schedule needs positive tv_weight and tv_final")
 
@@ -71,6 +78,12 @@ class AttackConfig:
     def milestones(self) -> tuple[int, ...]:
         """The steps at which the lr decays."""
         return tuple(int(self.iterations * f) for f in self.lr_decay_at)
+
+    @property
+    def average_from(self) -> int:
+        """The first step whose result enters the returned average (``iterations`` - the
+        tail's length; the last step alone when ``average_tail`` is 0)."""
+        return self.iterations - max(1, round(self.iterations * self.average_tail))
 
     def lr_at(self, step: int) -> float:
         """The learning rate in force at ``step`` (0-based)."""

@@ -143,6 +143,27 @@ class _Schedule:
         return time.perf_counter() - self.start
 
 
+class _TailAverage:
+    """The returned images: the mean of the clamped iterates from ``config.average_from`` on
+    (the last iterate alone when ``average_tail`` is 0)."""
+
+    def __init__(self, config: AttackConfig) -> None:
+        self.start = config.average_from
+        self.sum: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, step: int, x: torch.Tensor) -> None:
+        if step < self.start:
+            return
+        clamped = x.detach().clamp(0, 1)
+        self.sum = clamped if self.sum is None else self.sum.add_(clamped)
+        self.count += 1
+
+    def result(self) -> torch.Tensor:
+        assert self.sum is not None, "no step was taken"
+        return self.sum / self.count if self.count > 1 else self.sum
+
+
 def _objective_terms(
     flat_grad: torch.Tensor,
     target: torch.Tensor,
@@ -196,6 +217,7 @@ def invert_loop(
     for b in range(n_rec):
         x = init[b].clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([x], lr=config.lr, weight_decay=config.weight_decay)
+        tail = _TailAverage(config)
         off: torch.Tensor | None = None
         for step in range(config.iterations):
             for group in optimizer.param_groups:
@@ -214,9 +236,10 @@ def invert_loop(
             (gx,) = torch.autograd.grad(cost, [x])
             x.grad = gx.sign() if config.signed else gx
             optimizer.step()
+            tail.add(step, x)
             schedule.bar.update(1)
             schedule.record(step, cost.detach(), cos.detach(), label=f"[{b}] ")
-        final = x.detach().clamp(0, 1)
+        final = tail.result()
         loss = F.cross_entropy(model(final.requires_grad_(False)), labels[b])
         g = torch.autograd.grad(loss, params)
         flat = torch.cat([t.reshape(-1) for t in g])
@@ -289,6 +312,7 @@ def invert_batched(
     x = init.clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([x], lr=config.lr, weight_decay=config.weight_decay)
     schedule = _Schedule(config, config.iterations, progress, f"uia (batched B={len(x)})")
+    tail = _TailAverage(config)
     off = torch.zeros_like(targets) if method == "vmap" else None
     for step in range(config.iterations):
         for group in optimizer.param_groups:
@@ -301,10 +325,11 @@ def invert_batched(
         gx, cost, cos = step_fn(x.detach(), labels, off, tv)
         x.grad = gx.sign() if config.signed else gx
         optimizer.step()
+        tail.add(step, x)
         schedule.bar.update(1)
         schedule.record(step, cost, cos)
 
-    final = x.detach().clamp(0, 1)
+    final = tail.result()
     flat = grads_fn(final, labels)
     if offset is not None:
         off = offset(config.iterations, flat, final, rows)
