@@ -99,6 +99,13 @@ def test_keys_are_stable_and_follow_the_settings():
     assert len({c.key for c in changed} & {c.key for c in cells}) == 2  # only shield's moved
     longer = plan_cells(tiny(**{"attack.options": {"iterations": 3, "restarts": 1}}))
     assert not {c.key for c in longer} & {c.key for c in cells}
+    # an option added later keeps older keys while it is inactive, and moves them when set
+    options = tiny()["attack"].get("options") or {}
+    inactive = plan_cells(tiny(**{"attack.options": {**options, "average_tail": 0.0}}))
+    assert [c.key for c in inactive] == [c.key for c in cells]
+    assert "average_tail" not in cells[0].config["attack"]["config"]
+    active = plan_cells(tiny(**{"attack.options": {**options, "average_tail": 0.25}}))
+    assert not {c.key for c in active} & {c.key for c in cells}
 
 
 def test_a_name_is_resolved_to_its_settings_in_the_cell():

@@ -81,3 +81,11 @@ def test_attack_end_to_end_writes_png_and_report(trained, tmp_path):
     assert summary["labels_inferred"] is True
     assert summary["config"]["iterations"] == 5
     assert -1 <= summary["cosine"][0] <= 1
+    assert summary["engine"] == "batched" and summary["per_sample"] == "layers"
+    # the same run through vmap gives the same reconstruction
+    vmap_report = tmp_path / "v.json"
+    out = ["-o", str(tmp_path / "v.png"), "--report", str(vmap_report), "--per-sample", "vmap"]
+    assert main([*argv, *out]) == 0
+    through_vmap = json.loads(vmap_report.read_text())
+    assert through_vmap["per_sample"] == "vmap"
+    assert through_vmap["cosine"][0] == pytest.approx(summary["cosine"][0], abs=1e-4)

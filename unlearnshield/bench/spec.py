@@ -446,6 +446,9 @@ def _resolve_attack(spec: Mapping[str, Any], attacker: str) -> dict[str, Any]:
         except (TypeError, ValueError) as err:
             raise SpecError(f"attack.options: {err}") from None
         config = _jsonable(dataclasses.asdict(resolved))
+        for name, inactive in KEYLESS_WHEN_INACTIVE.items():
+            if config[name] == inactive:
+                del config[name]
     return {
         "attacker": attacker,
         "attacker_options": options,
@@ -455,6 +458,12 @@ def _resolve_attack(spec: Mapping[str, Any], attacker: str) -> dict[str, Any]:
         "engine": attack["engine"],
         "batch": batch,
     }
+
+
+KEYLESS_WHEN_INACTIVE: dict[str, Any] = {"average_tail": 0.0}
+"""Attack options added after run folders existed, left out of a cell's settings (and so of
+its key) while they have the value that does nothing, so that those folders' records keep
+their keys (resume and ``--reuse`` still find them)."""
 
 
 def attack_config(attack: Mapping[str, Any]) -> AttackConfig | None:

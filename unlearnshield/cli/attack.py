@@ -17,6 +17,7 @@ from unlearnshield.attacks import (
     reconstruct,
 )
 from unlearnshield.attacks.config import resolve_budget
+from unlearnshield.attacks.engines import PER_SAMPLE_METHODS
 from unlearnshield.checkpoints import load_checkpoint
 from unlearnshield.cli._common import UsageError, check_output_path, parse_assignments, user_errors
 from unlearnshield.defenses import DEFENSES
@@ -70,7 +71,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --attacker defense-aware: steps between two simulations of the defense",
     )
     p.add_argument("--budget", default="cpu", help="cpu, paper, or a number of steps")
-    p.add_argument("--engine", choices=ENGINES.names(), default="batched")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES.names(),
+        default="batched",
+        help="batched (default) or loop, the per-image reference; on a CPU, loop is the "
+        "faster for ResNet18",
+    )
+    p.add_argument(
+        "--per-sample",
+        choices=PER_SAMPLE_METHODS,
+        default="auto",
+        help="how the batched engine computes per-sample gradients: layers (Conv2d, Linear, "
+        "BatchNorm models), vmap (any model), auto (layers where it applies; default)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     p.add_argument(
         "--set",
@@ -117,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             attacker=attacker,
             budget=config,
             engine=args.engine,
+            per_sample=args.per_sample,
             seed=args.seed,
         )
     except AttackError as err:
