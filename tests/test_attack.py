@@ -19,10 +19,11 @@ from unlearnshield.metrics import ssim
 
 from ._fixtures import digits, one_step_release, tiny_digits_model
 
-# The `cpu` budget reached mean SSIM 0.61 on 8 random CIFAR-10 training members of the cpu
-# model (benchmarks/attack_cpu_budget.py); the slow test asserts this floor below it, far
+# The `cpu` budget reached mean SSIM 0.62 ± 0.13 on 8 random CIFAR-10 training members of the
+# cpu model (benchmarks/attack_cpu_budget.py, 2026-12-04); the slow test asserts this floor a
+# little below it (a model trained with another thread count differs in its last bits), far
 # above the calibration rows (random init 0.01, mean colour 0.10, 4x4 block mean 0.49).
-CPU_BUDGET_SSIM_FLOOR = 0.55
+CPU_BUDGET_SSIM_FLOOR = 0.58
 
 
 @pytest.fixture(scope="module")
