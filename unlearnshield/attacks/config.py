@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 from unlearnshield._registry import Registry
 
+KEYLESS_AT_DEFAULT = "keyless_at_default"
+"""Field metadata of options added after benchmark run folders existed: records leave such a
+field out of their settings (and keys) while it holds its default, which does nothing, so
+older run folders keep their keys (see :func:`unlearnshield.bench.spec.plan_cells`)."""
+
 
 @dataclass(frozen=True)
 class AttackConfig:
@@ -55,7 +60,7 @@ class AttackConfig:
     init_std: float = 1.0
     init_mean: float = 0.0
     tv_final: float | None = None
-    average_tail: float = 0.0
+    average_tail: float = dataclasses.field(default=0.0, metadata={KEYLESS_AT_DEFAULT: True})
     log_every: int = 500
 
     def __post_init__(self) -> None:

@@ -71,6 +71,8 @@ class LayerwiseGradients:
 
     Args:
         model: the classifier, in eval mode; :func:`unsupported_reason` must return ``None``.
+            Its BatchNorm statistics are read here, once: build a new instance after
+            changing them.
 
     Raises:
         ValueError: the model does not qualify (the message says why).
@@ -83,6 +85,10 @@ class LayerwiseGradients:
         self.model = model
         self.layers = [m for m in model.modules() if isinstance(m, _LAYERS)]
         self.params = [p for p in model.parameters()]
+        # x̂ = a·scale + shift for each BatchNorm, from its running statistics as they are now
+        self.normalisers = {
+            m: _normaliser(m) for m in self.layers if isinstance(m, _NORMS) and m.weight is not None
+        }
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """The gradients ``∇θ CE(f_θ(x_n), y_n)`` for every sample ``n``.
@@ -129,16 +135,27 @@ class LayerwiseGradients:
             a, out = seen[module]
             if delta is None:  # the layer does not reach the loss
                 delta = torch.zeros_like(out)
-            grads.update(_layer_gradients(module, a, delta))
+            grads.update(_layer_gradients(module, a, delta, self.normalisers.get(module)))
         n = x.shape[0]
         return [grads.get(id(p), p.new_zeros((n, *p.shape))) for p in self.params]
 
 
+def _normaliser(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)``, both ``(C,)``, with x̂ = a·scale + shift for an eval-mode
+    BatchNorm (per channel, from its running statistics)."""
+    scale = torch.rsqrt(module.running_var + module.eps)
+    return scale, -module.running_mean * scale
+
+
 def _layer_gradients(
-    module: nn.Module, a: torch.Tensor, delta: torch.Tensor
+    module: nn.Module,
+    a: torch.Tensor,
+    delta: torch.Tensor,
+    normaliser: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Per-sample gradients of one layer's parameters from its input ``a`` and output
-    gradient ``delta`` (both ``(N, ...)``), keyed by ``id`` of the parameter."""
+    gradient ``delta`` (both ``(N, ...)``), keyed by ``id`` of the parameter; ``normaliser``
+    is a BatchNorm's :func:`_normaliser` (needed for its weight)."""
     n = a.shape[0]
     out: dict[int, torch.Tensor] = {}
     if isinstance(module, nn.Linear):
@@ -173,14 +190,15 @@ def _layer_gradients(
             out[id(module.bias)] = delta.sum((2, 3))
     else:  # eval-mode BatchNorm
         shape = (1, -1) + (1,) * (a.dim() - 2)
-        scale = torch.rsqrt(module.running_var + module.eps)
-        x_hat = torch.addcmul((-module.running_mean * scale).view(shape), a, scale.view(shape))
         dims = tuple(range(2, a.dim()))  # per sample and channel: sum over the rest
 
         def per_channel(t: torch.Tensor) -> torch.Tensor:
             return t.sum(dims) if dims else t
 
         if module.weight is not None:
+            assert normaliser is not None, "a BatchNorm weight needs its normaliser"
+            scale, shift = normaliser
+            x_hat = torch.addcmul(shift.view(shape), a, scale.view(shape))
             out[id(module.weight)] = per_channel(delta * x_hat)
         if module.bias is not None:
             out[id(module.bias)] = per_channel(delta)

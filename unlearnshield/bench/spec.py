@@ -29,7 +29,7 @@ except ModuleNotFoundError:  # pragma: no cover (Python 3.10)
     import tomli as tomllib  # type: ignore[no-redef]
 
 from unlearnshield.attacks import ATTACKERS, BUDGETS, ENGINES, DefenseAwareAttacker
-from unlearnshield.attacks.config import AttackConfig
+from unlearnshield.attacks.config import KEYLESS_AT_DEFAULT, AttackConfig
 from unlearnshield.data import DATASETS
 from unlearnshield.defenses import build_defense
 from unlearnshield.models import MODELS
@@ -446,9 +446,9 @@ def _resolve_attack(spec: Mapping[str, Any], attacker: str) -> dict[str, Any]:
         except (TypeError, ValueError) as err:
             raise SpecError(f"attack.options: {err}") from None
         config = _jsonable(dataclasses.asdict(resolved))
-        for name, inactive in KEYLESS_WHEN_INACTIVE.items():
-            if config[name] == inactive:
-                del config[name]
+        for f in dataclasses.fields(AttackConfig):
+            if f.metadata.get(KEYLESS_AT_DEFAULT) and config[f.name] == f.default:
+                del config[f.name]
     return {
         "attacker": attacker,
         "attacker_options": options,
@@ -458,12 +458,6 @@ def _resolve_attack(spec: Mapping[str, Any], attacker: str) -> dict[str, Any]:
         "engine": attack["engine"],
         "batch": batch,
     }
-
-
-KEYLESS_WHEN_INACTIVE: dict[str, Any] = {"average_tail": 0.0}
-"""Attack options added after run folders existed, left out of a cell's settings (and so of
-its key) while they have the value that does nothing, so that those folders' records keep
-their keys (resume and ``--reuse`` still find them)."""
 
 
 def attack_config(attack: Mapping[str, Any]) -> AttackConfig | None:

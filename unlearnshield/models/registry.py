@@ -110,10 +110,9 @@ def build_model(
         raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
     c, h, w = shape  # three entries, as checked: the spec's (C, H, W)
     spec = ModelSpec(name=name, num_classes=int(num_classes), input_shape=(c, h, w), kwargs=kwargs)
-    channels = shape[0]
     return ImageClassifier(
         build_backbone(spec),
-        mean=list(mean) if mean is not None else [0.0] * channels,
-        std=list(std) if std is not None else [1.0] * channels,
+        mean=list(mean) if mean is not None else [0.0] * c,
+        std=list(std) if std is not None else [1.0] * c,
         spec=spec,
     )
