@@ -185,3 +185,15 @@ def test_overwrite_is_atomic_and_keeps_old_file_on_failure(tmp_path, model, monk
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(model, target, build_metadata(model, seed=2))
     assert target.read_bytes() == before
+
+
+def test_a_classifier_state_dict_is_refused_with_what_to_save_instead(model, tmp_path):
+    # model.state_dict() of the wrapper has 'net.'-prefixed keys; plain files hold the
+    # backbone's keys (model.net.state_dict()), which load
+    wrapped, plain = tmp_path / "wrapped.pth", tmp_path / "plain.pth"
+    torch.save(model.state_dict(), wrapped)
+    torch.save(model.net.state_dict(), plain)
+    kwargs = dict(arch="convnet", arch_kwargs={"width": 4, "stem_stride": 2})
+    with pytest.raises(CheckpointError, match=r"no 2-D fc.weight.*model\.net\.state_dict\(\)"):
+        load_checkpoint(wrapped, **kwargs)
+    assert same_weights(load_checkpoint(plain, **kwargs).model, model)

@@ -208,8 +208,12 @@ def _load_into(net: nn.Module, tensors: dict[str, torch.Tensor], path: Path, arc
     net.load_state_dict(tensors, strict=True)
 
 
+HEAD_KEYS = ("fc.weight", "linear.weight", "classifier.weight", "head.weight")
+"""Where a plain state dict's classifier head is looked for, to count its classes."""
+
+
 def _infer_num_classes(tensors: Mapping[str, torch.Tensor]) -> int | None:
-    for key in ("fc.weight", "linear.weight", "classifier.weight", "head.weight"):
+    for key in HEAD_KEYS:
         if key in tensors and tensors[key].dim() == 2:
             return int(tensors[key].shape[0])
     return None
@@ -305,7 +309,17 @@ def load_checkpoint(
     else:
         classes = num_classes or _infer_num_classes(tensors)
         if classes is None:
-            raise CheckpointError(f"cannot infer the number of classes of {path}; pass it")
+            heads = ", ".join(HEAD_KEYS)
+            hint = (
+                " (its keys start with 'net.': that is the state_dict() of an UnlearnShield "
+                "ImageClassifier; save model.net.state_dict(), whose keys are the backbone's, "
+                "or the checkpoint itself)"
+                if tensors and all(k.startswith("net.") for k in tensors)
+                else ""
+            )
+            raise CheckpointError(
+                f"cannot infer the number of classes of {path}: it has no 2-D {heads}{hint}"
+            )
         spec = ModelSpec(arch, classes, shape, dict(arch_kwargs or {}))  # type: ignore[arg-type]
         try:
             net = build_backbone(spec)
