@@ -411,8 +411,14 @@ def _layerwise_functions(
 class _LayerwiseStep:
     """The layer-wise step and dummy gradients of a batch of reconstructions.
 
-    The cosine is summed layer by layer against per-layer views of the targets, so no
-    ``(B, P)`` gradient is concatenated inside the graph.
+    The cosine is not differentiated by autograd. Its gradient with respect to each
+    reconstruction's dummy gradient ``g`` (plus offset) has a closed form,
+
+        ∂cos/∂g = t / (‖g‖ ‖t‖) − cos · g / ‖g‖²,
+
+    so the step computes it without a graph, scales it by ``∂cost/∂cos``, and hands it to one
+    backward pass as the cotangent of the per-sample gradients. Differentiating the per-layer
+    dot products instead cost a fifth of the step on the CPU, in matrix-vector backward kernels.
 
     Args:
         model: the attacker's model, in eval mode.
@@ -424,10 +430,9 @@ class _LayerwiseStep:
         self, model: nn.Module, targets: torch.Tensor, similarity_cost: SimilarityCost
     ) -> None:
         self.per_image = LayerwiseGradients(model)
-        self.shapes = [p.shape for p in model.parameters()]
         self.sizes = [p.numel() for p in model.parameters()]
         self.rows = targets.shape[0]
-        self.target_views = [t[:, :, None] for t in targets.split(self.sizes, 1)]  # (b, n, 1)
+        self.target_pieces = list(targets.split(self.sizes, 1))  # per parameter, (b, n)
         self.target_norms = targets.norm(dim=1)
         self.similarity_cost = similarity_cost
 
@@ -453,21 +458,39 @@ class _LayerwiseStep:
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             grads = self.per_row(x, y)
-            pieces = off.split(self.sizes, 1) if off is not None else [None] * len(grads)
-            offsets = [
-                None if o is None else o.view(b, *s)
-                for o, s in zip(pieces, self.shapes, strict=True)
+            tv_cost = _per_row_tv(x)
+        with torch.no_grad():
+            flat = [g.detach().reshape(b, -1) for g in grads]
+            if off is not None:
+                flat = [g + o for g, o in zip(flat, off.split(self.sizes, 1), strict=True)]
+            pairs = zip(flat, self.target_pieces, strict=True)
+            dot = sum(torch.linalg.vecdot(g, t) for g, t in pairs)
+            norm_sq = sum(torch.linalg.vecdot(g, g) for g in flat).clamp_min(_EPS**2)
+            denom = norm_sq.sqrt() * self.target_norms + _EPS
+            cos = dot / denom
+        cost, d_cos = _value_and_derivative(self.similarity_cost, cos)
+        with torch.no_grad():
+            along_t, along_g = (d_cos / denom)[:, None], (d_cos * cos / norm_sq)[:, None]
+            cotangents = [
+                (along_t * t - along_g * g).view_as(p)
+                for g, t, p in zip(flat, self.target_pieces, grads, strict=True)
             ]
-            dot = norm_sq = 0
-            for g, o, t in zip(grads, offsets, self.target_views, strict=True):
-                g = (g if o is None else g + o).reshape(b, 1, -1)
-                # batched dot products as (b, 1, n) @ (b, n, 1): no (b, n) temporary
-                dot = dot + torch.bmm(g, t).view(b)
-                norm_sq = norm_sq + torch.bmm(g, g.transpose(1, 2)).view(b)
-            cos = dot / (norm_sq.sqrt() * self.target_norms + _EPS)
-            cost = self.similarity_cost(cos) + tv * _per_row_tv(x)
-            (gx,) = torch.autograd.grad(cost.sum(), [x])
-        return gx, cost.detach(), cos.detach()
+        (gx,) = torch.autograd.grad(
+            [*grads, tv_cost], [x], grad_outputs=[*cotangents, tv.expand(b).to(tv_cost)]
+        )
+        return gx, cost + tv * tv_cost.detach(), cos
+
+
+def _value_and_derivative(
+    fn: SimilarityCost, cos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn(cos)`` and its element-wise derivative ``fn'(cos)``, both shaped like ``cos``
+    (``fn`` acts element-wise)."""
+    with torch.enable_grad():
+        c = cos.detach().requires_grad_(True)
+        value = fn(c)
+        (derivative,) = torch.autograd.grad(value.sum(), [c])
+    return value.detach(), derivative
 
 
 def _per_row_tv(x: torch.Tensor) -> torch.Tensor:

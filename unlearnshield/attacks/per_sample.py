@@ -21,9 +21,9 @@ obtained for all layers by one ``torch.autograd.grad`` over the summed loss with
 sample ``n``'s activations is sample ``n``'s own). Each recorded output is handed on as a
 copy, so that an in-place operation after the layer (``ReLU(inplace=True)``, a residual
 ``+=``) leaves it intact. Everything is built from differentiable operations, so the second
-backward pass runs through ordinary batched kernels. On the
-width-16 ConvNet this is about 1.3–1.4× faster than ``vmap`` at B = 8 and 32 on two CPU
-cores, and needs a third less memory on ResNet18 (``benchmarks/attack_engines.py``).
+backward pass runs through ordinary batched kernels. On the width-16 ConvNet the engine runs
+about 1.6× faster with it than with ``vmap`` at B = 8 and 32 on two CPU cores, and needs
+about half the memory on ResNet18 (``benchmarks/attack_engines.py``).
 
 A model qualifies when every parameter belongs to one of those layers, each such layer runs
 exactly once per forward pass, and its BatchNorm layers use running statistics;
@@ -171,8 +171,6 @@ def _layer_gradients(
         _, weight_grad, _ = torch.ops.aten.convolution_backward(
             delta.reshape(1, n * c_out, *delta.shape[2:]),
             a.reshape(1, n * c_in * groups, *a.shape[2:]),
-            # only the weight's shape is read (no input gradient is asked for): a stride-0
-            # view of that shape instead of n copies
             # only the weight's shape is read (no input gradient is asked for): a stride-0
             # view of that shape instead of n copies
             module.weight.new_empty(()).expand(n * c_out, *module.weight.shape[1:]),
