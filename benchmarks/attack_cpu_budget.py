@@ -4,7 +4,9 @@ Trains (or reuses) the CPU original model, draws 8 forget samples at random from
 training members, unlearns each with one-step gradient ascent, and attacks the 8 releases
 in one batched run per attack setting. It prints, per setting, mean ± std SSIM, LPIPS and
 PSNR against the truth and the wall time, next to the calibration rows (random
-initialisation, flat mean colour, truth averaged over 4×4 blocks).
+initialisation, flat mean colour, truth averaged over 4×4 blocks). Each setting's
+reconstructions go to OUT/<setting>.png, and all of them, one row per setting under the
+truth, to OUT/all-settings.png.
 
     python benchmarks/attack_cpu_budget.py --data-root ../shared/data \
         --grid '[{"iterations": 1500, "restarts": 1, "tv_weight": 0.2}]'
@@ -76,6 +78,7 @@ def main() -> None:
               f"{stats(s['lpips']):>13} {stats(s['psnr']):>13} {'':>8}")  # fmt: skip
     grid = json.loads(args.grid) if args.grid else [{}]
     args.out.mkdir(parents=True, exist_ok=True)
+    rows, row_labels = [truth], ["truth"]
     for overrides in grid:
         config = BUDGETS.get("cpu").replace(**overrides)
         start = time.perf_counter()
@@ -90,10 +93,13 @@ def main() -> None:
         seconds = time.perf_counter() - start
         s = reconstruction_scores(rec.images[:, 0], truth, lpips=lpips)
         label = json.dumps(overrides, separators=(",", ":")) if overrides else "cpu budget"
-        print(f"{label:<58} {stats(s['ssim']):>13} {stats(s['lpips']):>13} "
+        print(f"{f'{len(rows)}: {label}':<58} {stats(s['ssim']):>13} {stats(s['lpips']):>13} "
               f"{stats(s['psnr']):>13} {seconds:>8.0f}", flush=True)  # fmt: skip
         tag = "".join(c for c in label if c.isalnum() or c in "._-")[:80]
         save_grid(args.out / f"{tag}.png", [truth, rec.images[:, 0]], row_labels=["truth", "uia"])
+        rows.append(rec.images[:, 0])
+        row_labels.append(f"setting {len(rows) - 1}")
+        save_grid(args.out / "all-settings.png", rows, row_labels=row_labels)
 
 
 if __name__ == "__main__":

@@ -77,18 +77,46 @@ class InversionResult:
     per_sample: str = "loop"
 
 
-def total_variation(x: torch.Tensor) -> torch.Tensor:
+OPPONENT_COLOURS = torch.tensor(
+    [
+        [3**-0.5, 3**-0.5, 3**-0.5],  # luminance
+        [2**-0.5, -(2**-0.5), 0.0],  # red - green
+        [6**-0.5, 6**-0.5, -2 * 6**-0.5],  # yellow - blue
+    ]
+)
+"""The orthonormal opponent colour transform the chroma-weighted TV works in, rows applied to
+(R, G, B)."""
+
+
+def total_variation(x: torch.Tensor, chroma: float | None = None) -> torch.Tensor:
     """Anisotropic TV: mean |horizontal differences| + mean |vertical differences|.
 
     Args:
-        x: images ``(..., H, W)``; the means run over every element.
+        x: images ``(..., C, H, W)``; the means run over every element.
+        chroma: ``None`` takes the differences of R, G and B (the reference). A weight takes
+            them in the opponent colour space of :data:`OPPONENT_COLOURS` instead, with the
+            two chroma channels weighted by it relative to luminance; needs ``C = 3``.
 
     Returns:
         A scalar tensor.
     """
-    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
-    return dx + dy
+    return _tv(x, chroma, dims=None)
+
+
+def _tv(x: torch.Tensor, chroma: float | None, dims: int | None) -> torch.Tensor:
+    """:func:`total_variation` over everything (``dims=None``) or per leading index, over the
+    last ``dims`` dimensions."""
+    if chroma is not None:
+        if x.shape[-3] != 3:
+            raise ValueError(f"a chroma-weighted TV needs RGB images, got {x.shape[-3]} channels")
+        weights = torch.tensor([1.0, chroma, chroma], dtype=x.dtype, device=x.device)
+        transform = OPPONENT_COLOURS.to(x) * weights[:, None]
+        x = torch.einsum("oc,...chw->...ohw", transform, x)
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs()
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs()
+    if dims is None:
+        return dx.mean() + dy.mean()
+    return dx.flatten(-dims).mean(-1) + dy.flatten(-dims).mean(-1)
 
 
 def _check_inputs(
@@ -171,10 +199,11 @@ def _objective_terms(
     x: torch.Tensor,
     similarity_cost: SimilarityCost,
     tv_weight: float | torch.Tensor,
+    tv_chroma: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     g = flat_grad if offset is None else flat_grad + offset
     cos = (g @ target) / (g.norm() * target.norm() + _EPS)
-    return similarity_cost(cos) + tv_weight * total_variation(x), cos
+    return similarity_cost(cos) + tv_weight * total_variation(x, tv_chroma), cos
 
 
 def invert_loop(
@@ -230,7 +259,7 @@ def invert_loop(
             if offset is not None and step % refresh_every == 0:
                 off = offset(step, flat.detach()[None], x.detach()[None], rows[b : b + 1])[0]
             cost, cos = _objective_terms(
-                flat, targets[b], off, x, similarity_cost, config.tv_at(step)
+                flat, targets[b], off, x, similarity_cost, config.tv_at(step), config.tv_chroma
             )
             optimizer.zero_grad(set_to_none=True)
             (gx,) = torch.autograd.grad(cost, [x])
@@ -245,7 +274,7 @@ def invert_loop(
         flat = torch.cat([t.reshape(-1) for t in g])
         if offset is not None:
             off = offset(config.iterations, flat[None], final[None], rows[b : b + 1])[0]
-        _, cos = _objective_terms(flat, targets[b], off, final, similarity_cost, 0.0)
+        _, cos = _objective_terms(flat, targets[b], off, final, similarity_cost, 0.0, None)
         images.append(final)
         cosines.append(cos.detach())
     seconds = schedule.close()
@@ -307,7 +336,7 @@ def invert_batched(
     if per_sample == "auto" and reason is not None:
         logger.info("per-sample gradients by vmap: layer-wise does not apply (%s)", reason)
     build = _layerwise_functions if method == "layers" else _vmap_functions
-    step_fn, grads_fn = build(model, targets, similarity_cost, chunk_size)
+    step_fn, grads_fn = build(model, targets, similarity_cost, config.tv_chroma, chunk_size)
     rows = torch.arange(targets.shape[0], device=targets.device)
     x = init.clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([x], lr=config.lr, weight_decay=config.weight_decay)
@@ -357,6 +386,7 @@ def _vmap_functions(
     model: nn.Module,
     targets: torch.Tensor,
     similarity_cost: SimilarityCost,
+    tv_chroma: float | None,
     chunk_size: int | None,
 ) -> tuple[StepFn, GradsFn]:
     """The batched step with ``torch.func``: ``vmap`` over ``grad`` of ``functional_call``."""
@@ -376,7 +406,7 @@ def _vmap_functions(
     def objective(
         x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, off: torch.Tensor, tv: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        cost, cos = _objective_terms(flat_grad(x, y), t, off, x, similarity_cost, tv)
+        cost, cos = _objective_terms(flat_grad(x, y), t, off, x, similarity_cost, tv, tv_chroma)
         return cost, (cost, cos)
 
     batched = vmap(
@@ -396,6 +426,7 @@ def _layerwise_functions(
     model: nn.Module,
     targets: torch.Tensor,
     similarity_cost: SimilarityCost,
+    tv_chroma: float | None,
     chunk_size: int | None,
 ) -> tuple[StepFn, GradsFn]:
     """The batched step with layer-wise per-sample gradients and one double backward pass.
@@ -404,7 +435,7 @@ def _layerwise_functions(
     was slower in the engine: 10.9 against 9.0 ms per image-iteration at B = 8.)
     """
     del chunk_size  # the batch runs as one
-    whole = _LayerwiseStep(model, targets, similarity_cost)
+    whole = _LayerwiseStep(model, targets, similarity_cost, tv_chroma)
     return whole.step, whole.grads
 
 
@@ -424,10 +455,15 @@ class _LayerwiseStep:
         model: the attacker's model, in eval mode.
         targets: the targets ``(b, P)``.
         similarity_cost: the attacker's cost of a cosine.
+        tv_chroma: the chroma weight of the TV prior (see :func:`total_variation`).
     """
 
     def __init__(
-        self, model: nn.Module, targets: torch.Tensor, similarity_cost: SimilarityCost
+        self,
+        model: nn.Module,
+        targets: torch.Tensor,
+        similarity_cost: SimilarityCost,
+        tv_chroma: float | None = None,
     ) -> None:
         self.per_image = LayerwiseGradients(model)
         self.sizes = [p.numel() for p in model.parameters()]
@@ -435,6 +471,7 @@ class _LayerwiseStep:
         self.target_pieces = list(targets.split(self.sizes, 1))  # per parameter, (b, n)
         self.target_norms = targets.norm(dim=1)
         self.similarity_cost = similarity_cost
+        self.tv_chroma = tv_chroma
 
     def per_row(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """Each reconstruction's gradient, per parameter ``(b, *shape)``: the mean over its
@@ -458,7 +495,7 @@ class _LayerwiseStep:
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             grads = self.per_row(x, y)
-            tv_cost = _per_row_tv(x)
+            tv_cost = _tv(x, self.tv_chroma, dims=4)  # per reconstruction, over (k, C, H, W)
         with torch.no_grad():
             flat = [g.detach().reshape(b, -1) for g in grads]
             if off is not None:
@@ -491,13 +528,6 @@ def _value_and_derivative(
         value = fn(c)
         (derivative,) = torch.autograd.grad(value.sum(), [c])
     return value.detach(), derivative
-
-
-def _per_row_tv(x: torch.Tensor) -> torch.Tensor:
-    """:func:`total_variation` of each reconstruction ``x[b]`` of ``(B, k, C, H, W)``."""
-    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
-    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
-    return dx + dy
 
 
 ENGINES: Registry[Callable[..., InversionResult]] = Registry("attack engine")

@@ -70,7 +70,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=50,
         help="with --attacker defense-aware: steps between two simulations of the defense",
     )
-    p.add_argument("--budget", default="cpu", help="cpu, paper, or a number of steps")
+    p.add_argument(
+        "--budget",
+        default="cpu",
+        help=f"{', '.join(BUDGETS.names())}, or a number of steps (default cpu)",
+    )
     p.add_argument(
         "--engine",
         choices=ENGINES.names(),
