@@ -95,6 +95,9 @@ def test_chroma_weighted_tv_scales_colour_edges_and_spares_grey_ones():
         total_variation(torch.zeros(1, 1, 8, 8), chroma=2.0)
     with pytest.raises(ValueError, match="tv_chroma"):
         AttackConfig(tv_chroma=0.0)
+    # what `--set tv_chroma=none` passes: a string, refused by name (JSON's null is None)
+    with pytest.raises(ValueError, match="tv_chroma must be a number or null, got 'none'"):
+        AttackConfig(tv_chroma="none")
 
 
 def test_average_tail_returns_the_mean_of_the_last_iterates(setup):

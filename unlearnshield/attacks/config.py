@@ -71,6 +71,7 @@ class AttackConfig:
     log_every: int = 500
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.iterations < 1:
             raise ValueError(f"iterations must be at least 1, got {self.iterations}")
         if self.restarts < 1:
@@ -89,6 +90,22 @@ class AttackConfig:
             raise ValueError("a TV schedule needs positive tv_weight and tv_final")
         if self.tv_chroma is not None and self.tv_chroma <= 0:
             raise ValueError(f"tv_chroma must be positive or None, got {self.tv_chroma}")
+
+    def _check_types(self) -> None:
+        """A clear error for a value of the wrong type (``--set tv_chroma=none`` is a string;
+        JSON's ``null`` is None)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be true or false, got {value!r}")
+            if f.type in ("int", "float", "float | None"):
+                if value is None and f.type == "float | None":
+                    continue
+                kinds = int if f.type == "int" else (int, float)
+                if isinstance(value, bool) or not isinstance(value, kinds):
+                    what = "an integer" if f.type == "int" else "a number"
+                    what += " or null" if f.type == "float | None" else ""
+                    raise ValueError(f"{f.name} must be {what}, got {value!r}")
 
     @property
     def milestones(self) -> tuple[int, ...]:
