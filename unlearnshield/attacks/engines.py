@@ -335,8 +335,13 @@ def invert_batched(
     method = "layers" if reason is None else "vmap"
     if per_sample == "auto" and reason is not None:
         logger.info("per-sample gradients by vmap: layer-wise does not apply (%s)", reason)
-    build = _layerwise_functions if method == "layers" else _vmap_functions
-    step_fn, grads_fn = build(model, targets, similarity_cost, config.tv_chroma, chunk_size)
+    if method == "layers":
+        layerwise = _LayerwiseStep(model, targets, similarity_cost, config.tv_chroma)
+        step_fn, grads_fn = layerwise.step, layerwise.grads
+    else:
+        step_fn, grads_fn = _vmap_functions(
+            model, targets, similarity_cost, config.tv_chroma, chunk_size
+        )
     rows = torch.arange(targets.shape[0], device=targets.device)
     x = init.clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([x], lr=config.lr, weight_decay=config.weight_decay)
@@ -422,23 +427,6 @@ def _vmap_functions(
     return step, vmap(flat_grad, chunk_size=chunk_size)
 
 
-def _layerwise_functions(
-    model: nn.Module,
-    targets: torch.Tensor,
-    similarity_cost: SimilarityCost,
-    tv_chroma: float | None,
-    chunk_size: int | None,
-) -> tuple[StepFn, GradsFn]:
-    """The batched step with layer-wise per-sample gradients and one double backward pass.
-
-    (Splitting the batch over threads, one intra-op thread each, was tried on two cores and
-    was slower in the engine: 10.9 against 9.0 ms per image-iteration at B = 8.)
-    """
-    del chunk_size  # the batch runs as one
-    whole = _LayerwiseStep(model, targets, similarity_cost, tv_chroma)
-    return whole.step, whole.grads
-
-
 class _LayerwiseStep:
     """The layer-wise step and dummy gradients of a batch of reconstructions.
 
@@ -450,6 +438,8 @@ class _LayerwiseStep:
     so the step computes it without a graph, scales it by ``∂cost/∂cos``, and hands it to one
     backward pass as the cotangent of the per-sample gradients. Differentiating the per-layer
     dot products instead cost a fifth of the step on the CPU, in matrix-vector backward kernels.
+    (Splitting the batch over threads, one intra-op thread each, was tried on two cores and
+    was slower: 10.9 against 9.0 ms per image-iteration at B = 8.)
 
     Args:
         model: the attacker's model, in eval mode.
