@@ -25,6 +25,7 @@ question of speed only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -82,7 +83,8 @@ OPPONENT_COLOURS = torch.tensor(
         [3**-0.5, 3**-0.5, 3**-0.5],  # luminance
         [2**-0.5, -(2**-0.5), 0.0],  # red - green
         [6**-0.5, 6**-0.5, -2 * 6**-0.5],  # yellow - blue
-    ]
+    ],
+    dtype=torch.float64,
 )
 """The orthonormal opponent colour transform the chroma-weighted TV works in, rows applied to
 (R, G, B)."""
@@ -109,14 +111,20 @@ def _tv(x: torch.Tensor, chroma: float | None, dims: int | None) -> torch.Tensor
     if chroma is not None:
         if x.shape[-3] != 3:
             raise ValueError(f"a chroma-weighted TV needs RGB images, got {x.shape[-3]} channels")
-        weights = torch.tensor([1.0, chroma, chroma], dtype=x.dtype, device=x.device)
-        transform = OPPONENT_COLOURS.to(x) * weights[:, None]
-        x = torch.einsum("oc,...chw->...ohw", transform, x)
+        x = torch.einsum("oc,...chw->...ohw", _weighted_opponents(chroma, x.dtype, x.device), x)
     dx = (x[..., :, 1:] - x[..., :, :-1]).abs()
     dy = (x[..., 1:, :] - x[..., :-1, :]).abs()
     if dims is None:
         return dx.mean() + dy.mean()
     return dx.flatten(-dims).mean(-1) + dy.flatten(-dims).mean(-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _weighted_opponents(chroma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:data:`OPPONENT_COLOURS` with the chroma rows scaled by ``chroma`` (built once per
+    weight, dtype and device, not at every attack step)."""
+    weights = torch.tensor([1.0, chroma, chroma], dtype=torch.float64)
+    return (OPPONENT_COLOURS * weights[:, None]).to(dtype=dtype, device=device)
 
 
 def _check_inputs(
